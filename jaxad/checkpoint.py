@@ -1,0 +1,65 @@
+"""Fitted state on disk: arrays with orbax, the config beside them as JSON.
+
+A workdir holds ``config.json``, ``state/`` (orbax) and the run's reports. A marker file tells a
+jaxad workdir from a user's folder, so jaxad replaces its own earlier outputs but never writes
+into a folder holding anything else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxad.errors import ConfigError
+
+MARKER = "jaxad_run.json"
+
+
+def prepare_workdir(workdir: str | Path) -> Path:
+    """Create ``workdir`` or reuse one that jaxad made; refuse a folder holding other files."""
+    workdir = Path(workdir).expanduser().resolve()
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"{workdir}: --workdir is a file; choose a folder")
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+        raise ConfigError(f"{workdir}: holds files that jaxad did not write; choose an empty or new --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text(json.dumps({"written_by": "jaxad"}) + "\n")
+    return workdir
+
+
+def save(workdir: Path, config: ml_collections.ConfigDict, state: Any) -> None:
+    """Write ``config.json`` and the state pytree (replacing a previous one of this workdir)."""
+    workdir = Path(workdir).resolve()
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
+    ocp.PyTreeCheckpointer().save(workdir / "state", jax.device_get(state), force=True)
+
+
+def load(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
+    """Read back what :func:`save` wrote; arrays come back as numpy."""
+    workdir = Path(workdir).expanduser().resolve()
+    if not (workdir / "config.json").is_file() or not (workdir / "state").is_dir():
+        raise ConfigError(f"{workdir}: no fitted model here (config.json and state/ missing); run scripts/fit.py first")
+    raw = json.loads((workdir / "config.json").read_text())
+    config = ml_collections.ConfigDict(_tuples(raw))
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(workdir / "state")
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = checkpointer.restore(workdir / "state", restore_args=restore_args)
+    return config, state
+
+
+def _tuples(node: Any) -> Any:
+    """JSON turns tuples into lists; configs use tuples."""
+    if isinstance(node, dict):
+        return {k: _tuples(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return tuple(_tuples(v) for v in node)
+    return node

@@ -1,0 +1,83 @@
+"""Config files and ``--config.key=value`` overrides.
+
+A config is a Python file with ``get_config() -> ml_collections.ConfigDict`` (big_vision style).
+``--method NAME`` picks ``configs/NAME.py``; overrides are parsed to the type of the value they
+replace, so ``--config.lam=3`` stays a float and ``--config.taps="('a','b')"`` a tuple.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+from jaxad.errors import ConfigError
+
+def config_path(method: str, config_dir: Path) -> Path:
+    """``<config_dir>/<method>.py``, with the known methods listed when it is missing."""
+    path = Path(config_dir) / f"{method}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(config_dir).glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"{path}: no config for method {method!r}; known methods: {', '.join(known)}")
+    return path
+
+
+def load_config(path: str | Path) -> ml_collections.ConfigDict:
+    """Import a config file and call its ``get_config()``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"jaxad_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: a config file must define get_config()")
+    return module.get_config()
+
+
+def _parse(raw: str, current: object, key: str) -> object:
+    if isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--config.{key}={raw}: expected true or false")
+    if isinstance(current, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return raw
+        raise ConfigError(f"--config.{key}={raw}: expected a {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, list | str):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"--config.{key}={raw}: expected a {type(current).__name__}, got {type(value).__name__}")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply ``--config.a.b=value`` strings (also ``config.a.b=value``) to a copy of ``config``."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for item in overrides:
+        text = item.removeprefix("--")
+        if not text.startswith("config.") or "=" not in text:
+            raise ConfigError(f"{item}: overrides look like --config.key=value")
+        key, raw = text[len("config."):].split("=", 1)
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                raise ConfigError(f"--config.{key}: no such section {p!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"--config.{key}: unknown key; keys here: {', '.join(sorted(node.keys()))}")
+        with node.ignore_type():
+            node[leaf] = _parse(raw, node[leaf], key)
+    return config

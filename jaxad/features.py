@@ -1,0 +1,41 @@
+"""From backbone feature maps to one patch-feature map per image.
+
+The pipeline shared by the patch-distance methods: an optional k×k local average per tap (each
+location then describes its neighbourhood, PatchCore-style), coarser taps resized to the finest
+tap's grid, channels concatenated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def local_average(x: jax.Array, size: int) -> jax.Array:
+    """k×k mean over a stride-1 window with zero padding counted (torch AvgPool2d(k, 1, k//2))."""
+    if size <= 1:
+        return x
+    pad = size // 2
+    window = (1, size, size, 1)
+    summed = jax.lax.reduce_window(
+        x, 0.0, jax.lax.add, window, (1, 1, 1, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    )
+    return summed / (size * size)
+
+
+def resize_bilinear(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of NHWC maps with half-pixel centres and no antialiasing (torch's
+    ``interpolate(mode='bilinear', align_corners=False)``)."""
+    if x.shape[1:3] == tuple(hw):
+        return x
+    shape = (x.shape[0], hw[0], hw[1], *x.shape[3:])
+    return jax.image.resize(x, shape, method="bilinear", antialias=False)
+
+
+def embed(feature_maps: Mapping[str, jax.Array], taps: Sequence[str], aggregate: int = 3) -> jax.Array:
+    """Concatenate ``taps`` (in order) on the grid of the finest one → [B, h, w, Σ channels]."""
+    maps = [local_average(feature_maps[t].astype(jnp.float32), aggregate) for t in taps]
+    grid = max((m.shape[1:3] for m in maps), key=lambda hw: hw[0] * hw[1])
+    return jnp.concatenate([resize_bilinear(m, grid) for m in maps], axis=-1)

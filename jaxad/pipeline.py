@@ -1,0 +1,153 @@
+"""fit → save → evaluate → report, for one category or a folder of categories.
+
+What ``scripts/fit.py``, ``scripts/evaluate.py`` and ``scripts/predict.py`` call. A workdir of a
+single category holds ``config.json``, ``state/``, ``metrics.json``, ``roc.png`` and
+``maps/*.png``; a folder of categories gets one such workdir per category plus ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jaxad import backbones, checkpoint, methods, metrics, report
+from jaxad.data import Dataset, find_categories, iterate_batches, open_dataset, read_image, resize_image
+
+RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
+
+
+def _image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _progress(desc: str, total: int) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+
+
+def fit(config: ml_collections.ConfigDict, dataset: Dataset, backbone: backbones.Backbone) -> tuple[dict, float]:
+    """Fit ``config.method`` on the dataset's training images; returns (state, seconds)."""
+    method = methods.get(config.method)
+    batches = iterate_batches(dataset.train, _image_size(config), config.batch_size)
+    start = time.perf_counter()
+    with _progress(f"fit {dataset.name}", len(dataset.train)) as bar:
+        state = method.fit(config, batches, backbone, progress=bar.update)
+    state = jax.block_until_ready(state)
+    return state, time.perf_counter() - start
+
+
+def make_predictor(config: ml_collections.ConfigDict, backbone: backbones.Backbone, saved: dict):
+    """A jitted ``images -> (scores, maps)`` closing over the fitted state."""
+    method = methods.get(config.method)
+    state = {"backbone": backbone.variables, **saved}
+    predict = jax.jit(partial(method.predict, config, backbone))
+    return lambda images: predict(state, images)
+
+
+def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, workdir: Path) -> dict[str, Any]:
+    """Score the test split, compute every metric, write metrics-side images; returns the metrics."""
+    size = _image_size(config)
+    test = dataset.test
+    keep = set(np.linspace(0, len(test) - 1, min(config.num_overlays, len(test))).round().astype(int).tolist())
+    scores, maps, masks, kept = [], [], [], []
+    model_seconds, timed_images = 0.0, 0
+    with _progress(f"evaluate {dataset.name}", len(test)) as bar:
+        for i, batch in enumerate(iterate_batches(test, size, config.batch_size, mask_size=size)):
+            start = time.perf_counter()
+            s, m = jax.block_until_ready(predictor(batch.images))
+            if i > 0:  # the first call compiles
+                model_seconds += time.perf_counter() - start
+                timed_images += len(batch.valid)
+            valid = np.asarray(batch.valid)
+            scores.append(np.asarray(s)[valid])
+            maps.append(np.asarray(m)[valid])
+            masks.append(np.asarray(batch.masks)[valid] > 0.5)
+            offset = sum(len(x) for x in scores[:-1])
+            kept += [(offset + j, batch.images[j]) for j in range(int(valid.sum())) if offset + j in keep]
+            bar.update(int(valid.sum()))
+    if timed_images == 0:  # a single batch: time it once more, compiled
+        start = time.perf_counter()
+        jax.block_until_ready(predictor(batch.images))
+        model_seconds, timed_images = time.perf_counter() - start, len(batch.valid)
+    scores, maps, masks = np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
+    labels = np.array([s.label for s in test])
+    result = metrics.evaluate(scores, labels, maps, masks)
+    result["per_defect_image_auroc"] = metrics.evaluate_by_group(scores, labels, [s.defect for s in test])
+    result["predict_images_per_second"] = timed_images / model_seconds
+    result["n_test"] = len(test)
+    order = sorted(kept)
+    names = [Path(test[i].path).parent.name + "_" + Path(test[i].path).stem for i, _ in order]
+    idx = [i for i, _ in order]
+    report.save_overlays(
+        workdir / "maps", np.stack([img for _, img in order]), maps[idx], masks[idx], names=names,
+        scores=scores[idx], vmin=float(np.percentile(maps, 1)), vmax=float(np.percentile(maps, 99.9)),
+    )
+    if len(set(labels.tolist())) == 2:
+        report.save_roc_curve(workdir / "roc.png", scores, labels, title=f"{config.method} on {dataset.name}")
+    return result
+
+
+def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Path, backbone: backbones.Backbone) -> dict:
+    """Fit, save and (when there is a test split) evaluate one category into ``workdir``."""
+    workdir = checkpoint.prepare_workdir(workdir)
+    dataset = open_dataset(category)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data = str(Path(category).resolve())
+    state, fit_seconds = fit(config, dataset, backbone)
+    saved = {k: v for k, v in state.items() if k not in RUNTIME_KEYS}
+    checkpoint.save(workdir, config, saved)
+    result: dict[str, Any] = {"category": dataset.name, "method": config.method, "n_train": len(dataset.train), "fit_seconds": fit_seconds}
+    if dataset.test:
+        result.update(evaluate(config, make_predictor(config, backbone, saved), dataset, workdir))
+    _write_json(workdir / "metrics.json", result)
+    return result
+
+
+def run(config: ml_collections.ConfigDict, data: Path, workdir: Path) -> list[dict]:
+    """Fit and evaluate every category found under ``data``; one workdir each when several."""
+    categories = find_categories(data)
+    backbone = backbones.load(config.backbone, config.weights or None)
+    if len(categories) == 1:
+        return [run_category(config, categories[0], workdir, backbone)]
+    top = checkpoint.prepare_workdir(workdir)
+    results = [run_category(config, c, top / c.name, backbone) for c in categories]
+    _write_json(top / "summary.json", results)
+    return results
+
+
+def reevaluate(workdir: Path, data: Path | None = None) -> dict:
+    """Reload a fitted workdir and evaluate it again (on ``data`` or the data it was fitted on)."""
+    config, saved = checkpoint.load(workdir)
+    dataset = open_dataset(data if data is not None else Path(config.data))
+    backbone = backbones.load(config.backbone, config.weights or None)
+    return evaluate(config, make_predictor(config, backbone, saved), dataset, Path(workdir))
+
+
+def predict_files(workdir: Path, paths: list[Path], out_dir: Path) -> list[float]:
+    """Score image files with a fitted workdir; maps written to ``out_dir``; one score per image."""
+    config, saved = checkpoint.load(workdir)
+    backbone = backbones.load(config.backbone, config.weights or None)
+    predictor = make_predictor(config, backbone, saved)
+    size = _image_size(config)
+    scores: list[float] = []
+    for start in range(0, len(paths), config.batch_size):
+        chunk = paths[start:start + config.batch_size]
+        images = np.stack([resize_image(read_image(p), size) for p in chunk])
+        padded = np.concatenate([images, np.repeat(images[-1:], config.batch_size - len(chunk), 0)])
+        s, m = predictor(padded)
+        s, m = np.asarray(s)[: len(chunk)], np.asarray(m)[: len(chunk)]
+        report.save_overlays(out_dir, images, m, None, names=[Path(p).stem for p in chunk], scores=s)
+        scores += s.tolist()
+    return scores
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")

@@ -1,0 +1,40 @@
+"""Reload a fitted workdir and evaluate it again.
+
+    python scripts/evaluate.py --workdir DIR [--data DIR]
+
+Without --data the data the model was fitted on is used; the metrics are printed and written to
+DIR/metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxad import cli, pipeline, report
+from jaxad.checkpoint import MARKER
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="test data (default: the data the model was fitted on)")
+    args = parser.parse_args()
+    runs = [args.workdir] if (args.workdir / "config.json").is_file() else sorted(
+        p for p in args.workdir.iterdir() if (p / MARKER).is_file() and (p / "config.json").is_file()
+    ) if args.workdir.is_dir() else [args.workdir]
+    results = []
+    for run in runs:
+        data = args.data / run.name if args.data is not None and len(runs) > 1 else args.data
+        result = pipeline.reevaluate(run, data)
+        previous = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        result = {**previous, **result, "category": previous.get("category", run.name)}
+        (run / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+        results.append(result)
+    print(report.markdown_table(results, ["category", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "predict_images_per_second"]))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
