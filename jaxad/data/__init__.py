@@ -1,0 +1,23 @@
+"""Reading anomaly-detection datasets: file layouts, image decoding, streamed fixed-shape batches.
+
+The TFDS builders live in :mod:`jaxad.data.tfds_builders`, imported on request so that this
+package stays quick to import.
+"""
+
+from jaxad.data.images import read_image, read_mask, resize_image, resize_mask
+from jaxad.data.layouts import Dataset, Sample, find_categories, open_dataset
+from jaxad.data.loader import Batch, iterate_batches, num_batches
+
+__all__ = [
+    "Batch",
+    "Dataset",
+    "Sample",
+    "find_categories",
+    "iterate_batches",
+    "num_batches",
+    "open_dataset",
+    "read_image",
+    "read_mask",
+    "resize_image",
+    "resize_mask",
+]

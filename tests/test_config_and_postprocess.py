@@ -1,0 +1,64 @@
+"""Config overrides, the patch-feature pipeline and map post-processing."""
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from jaxad import features, postprocess
+from jaxad.config import apply_overrides, config_path, load_config
+from jaxad.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_overrides_keep_types():
+    c = load_config(config_path("crd", CONFIGS))
+    c = apply_overrides(c, ["--config.lam=3", "--config.taps=('stage1','stage2')", "--config.lam_mode=trace", "--config.aggregate=1"])
+    assert c.lam == 3.0 and isinstance(c.lam, float)
+    assert c.taps == ("stage1", "stage2")
+    assert c.lam_mode == "trace" and c.aggregate == 1
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [("--config.nope=1", "unknown key"), ("--config.aggregate=abc", "expected a int"), ("config.lam", "look like")],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        apply_overrides(load_config(config_path("crd", CONFIGS)), [override])
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(ConfigError, match="crd"):
+        config_path("nosuchmethod", CONFIGS)
+
+
+def test_local_average_counts_padding_like_torch():
+    x = jnp.ones((1, 4, 4, 1))
+    y = np.asarray(features.local_average(x, 3))[0, ..., 0]
+    assert y[1, 1] == pytest.approx(1.0) and y[0, 0] == pytest.approx(4 / 9)
+
+
+def test_embed_concatenates_on_finest_grid():
+    maps = {"a": jnp.ones((2, 8, 8, 3)), "b": jnp.ones((2, 4, 4, 5))}
+    out = features.embed(maps, ("a", "b"), aggregate=1)
+    assert out.shape == (2, 8, 8, 8)
+    np.testing.assert_allclose(out, 1.0)
+
+
+def test_gaussian_blur_matches_scipy_reflect():
+    x = np.random.default_rng(0).random((2, 40, 52)).astype(np.float32)
+    ours = np.asarray(postprocess.gaussian_blur(jnp.asarray(x), 4.0))
+    ref = np.stack([gaussian_filter(a, 4, mode="mirror", truncate=4.0) for a in x])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_anomaly_maps_upsample_then_blur():
+    patch = jnp.zeros((1, 8, 8)).at[0, 4, 4].set(1.0)
+    maps = postprocess.anomaly_maps(patch, (64, 64), sigma=2.0)
+    assert maps.shape == (1, 64, 64)
+    peak = np.unravel_index(np.argmax(np.asarray(maps[0])), (64, 64))
+    assert abs(peak[0] - 36) <= 2 and abs(peak[1] - 36) <= 2
