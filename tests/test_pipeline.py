@@ -1,0 +1,159 @@
+"""End to end: fit → save → evaluate → predict through the scripts, and the errors a user sees."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxad.data import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=3"]
+
+
+def run_script(name: str, *args: str, capsys) -> tuple[int, str, str]:
+    """Run scripts/NAME.py in-process; returns (exit code, stdout, stderr)."""
+    argv = sys.argv
+    sys.argv = [str(ROOT / "scripts" / name), *map(str, args)]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory) -> Path:
+    root = synthetic.generate(tmp_path_factory.mktemp("syn") / "data", seed=1, categories=["gear"],
+                              image_size=64, n_train=8, n_test_good=3, n_per_defect=2)
+    return root / "gear"
+
+
+@pytest.fixture(scope="module")
+def fitted(category, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    argv = sys.argv
+    sys.argv = ["fit.py", "--method", "crd", "--data", str(category), "--workdir", str(workdir), *SMALL]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(ROOT / "scripts" / "fit.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert stop.value.code == 0
+    return workdir
+
+
+def test_fit_writes_metrics_maps_and_state(fitted):
+    metrics = json.loads((fitted / "metrics.json").read_text())
+    for key in ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "n_train", "fit_seconds", "predict_images_per_second"]:
+        assert key in metrics, key
+    assert metrics["n_train"] == 8
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["predict_images_per_second"] > 0
+    assert len(list((fitted / "maps").glob("*.png"))) == 3
+    assert (fitted / "roc.png").is_file() and (fitted / "state").is_dir()
+
+
+def test_evaluate_reproduces_the_numbers(fitted, capsys):
+    before = json.loads((fitted / "metrics.json").read_text())
+    code, out, err = run_script("evaluate.py", "--workdir", fitted, capsys=capsys)
+    assert code == 0, err
+    after = json.loads((fitted / "metrics.json").read_text())
+    for key in ["image_auroc", "pixel_auroc", "aupro", "pixel_ap"]:
+        assert after[key] == pytest.approx(before[key], abs=1e-6), key
+
+
+def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
+    images = sorted((category / "test").rglob("*.png"))[:3]
+    code, out, err = run_script("predict.py", "--workdir", fitted, "--out", tmp_path / "pred", *images, capsys=capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all(float(line.split()[0]) >= 0 for line in lines)
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 3
+
+
+def _one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+
+
+def _copy_category(src: Path, dst: Path) -> Path:
+    for p in src.rglob("*"):
+        if p.is_file():
+            target = dst / p.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(p.read_bytes())
+    return dst
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    code, _, err = run_script("fit.py", "--data", tmp_path / "nope", "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
+    _one_line_error(code, err, str(tmp_path / "nope"))
+
+
+def test_empty_train_folder(tmp_path, capsys):
+    (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
+    code, _, err = run_script("fit.py", "--data", tmp_path / "cat", "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
+    _one_line_error(code, err, "train")
+
+
+def test_truncated_training_image(category, tmp_path, capsys):
+    data = _copy_category(category, tmp_path / "cat")
+    victim = sorted((data / "train" / "good").glob("*.png"))[2]
+    victim.write_bytes(victim.read_bytes()[:200])
+    code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
+    _one_line_error(code, err, str(victim))
+
+
+def test_mask_size_mismatch(category, tmp_path, capsys):
+    data = _copy_category(category, tmp_path / "cat")
+    mask = sorted((data / "ground_truth").rglob("*_mask.png"))[0]
+    Image.new("L", (10, 12)).save(mask)
+    code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
+    _one_line_error(code, err, mask.name)
+
+
+def test_non_finite_pixels_are_reported_with_their_file(category, tmp_path, capsys):
+    data = _copy_category(category, tmp_path / "cat")
+    bad = data / "train" / "good" / "nan.tiff"
+    Image.fromarray(np.full((64, 64), np.nan, np.float32), mode="F").save(bad)
+    code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
+    _one_line_error(code, err, "nan.tiff")
+
+
+def test_odd_but_valid_images_just_work(category, tmp_path, capsys):
+    """Greyscale, RGBA, 16-bit and odd-sized training images fit without complaint."""
+    data = _copy_category(category, tmp_path / "cat")
+    train = sorted((data / "train" / "good").glob("*.png"))
+    rgb = [np.asarray(Image.open(p).convert("RGB")) for p in train[:4]]
+    Image.fromarray(rgb[0]).convert("L").save(train[0])
+    Image.fromarray(rgb[1]).convert("RGBA").save(train[1])
+    Image.fromarray((rgb[2][..., 0].astype(np.uint16) * 257)).save(train[2])  # 16-bit greyscale
+    Image.fromarray(rgb[3]).resize((97, 51)).save(train[3])
+    code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == 8
+
+
+def test_workdir_with_foreign_files_is_refused(category, tmp_path, capsys):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "thesis.tex").write_text("precious")
+    code, _, err = run_script("fit.py", "--data", category, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
+    _one_line_error(code, err, str(tmp_path / "w"))
+    assert (tmp_path / "w" / "thesis.tex").read_text() == "precious"
+
+
+def test_unknown_override_is_one_line(category, tmp_path, capsys):
+    code, _, err = run_script("fit.py", "--data", category, "--workdir", tmp_path / "w", "--config.lamda=3", capsys=capsys)
+    _one_line_error(code, err, "lamda")
