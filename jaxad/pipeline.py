@@ -57,8 +57,8 @@ def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, wor
     size = _image_size(config)
     test = dataset.test
     keep = set(np.linspace(0, len(test) - 1, min(config.num_overlays, len(test))).round().astype(int).tolist())
-    scores, maps, masks, kept = [], [], [], []
-    model_seconds, timed_images = 0.0, 0
+    scores, maps, masks, kept_images = [], [], [], []
+    model_seconds, timed_images, seen = 0.0, 0, 0
     with _progress(f"evaluate {dataset.name}", len(test)) as bar:
         for i, batch in enumerate(iterate_batches(test, size, config.batch_size, mask_size=size)):
             start = time.perf_counter()
@@ -70,8 +70,8 @@ def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, wor
             scores.append(np.asarray(s)[valid])
             maps.append(np.asarray(m)[valid])
             masks.append(np.asarray(batch.masks)[valid] > 0.5)
-            offset = sum(len(x) for x in scores[:-1])
-            kept += [(offset + j, batch.images[j]) for j in range(int(valid.sum())) if offset + j in keep]
+            kept_images += [batch.images[j] for j in range(int(valid.sum())) if seen + j in keep]
+            seen += int(valid.sum())
             bar.update(int(valid.sum()))
     if timed_images == 0:  # a single batch: time it once more, compiled
         start = time.perf_counter()
@@ -83,12 +83,11 @@ def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, wor
     result["per_defect_image_auroc"] = metrics.evaluate_by_group(scores, labels, [s.defect for s in test])
     result["predict_images_per_second"] = timed_images / model_seconds
     result["n_test"] = len(test)
-    order = sorted(kept)
-    names = [Path(test[i].path).parent.name + "_" + Path(test[i].path).stem for i, _ in order]
-    idx = [i for i, _ in order]
+    idx = sorted(keep)
+    names = [f"{test[i].defect}_{Path(test[i].path).stem}" for i in idx]
     report.save_overlays(
-        workdir / "maps", np.stack([img for _, img in order]), maps[idx], masks[idx], names=names,
-        scores=scores[idx], vmin=float(np.percentile(maps, 1)), vmax=float(np.percentile(maps, 99.9)),
+        workdir / "maps", np.stack(kept_images), maps[idx], masks[idx], names=names, scores=scores[idx],
+        vmin=float(np.percentile(maps, 1)), vmax=float(np.percentile(maps, 99.9)),
     )
     if len(set(labels.tolist())) == 2:
         report.save_roc_curve(workdir / "roc.png", scores, labels, title=f"{config.method} on {dataset.name}")
@@ -137,16 +136,17 @@ def predict_files(workdir: Path, paths: list[Path], out_dir: Path) -> list[float
     backbone = backbones.load(config.backbone, config.weights or None)
     predictor = make_predictor(config, backbone, saved)
     size = _image_size(config)
-    scores: list[float] = []
+    images, scores, maps = [], [], []
     for start in range(0, len(paths), config.batch_size):
-        chunk = paths[start:start + config.batch_size]
-        images = np.stack([resize_image(read_image(p), size) for p in chunk])
-        padded = np.concatenate([images, np.repeat(images[-1:], config.batch_size - len(chunk), 0)])
+        chunk = np.stack([resize_image(read_image(p), size) for p in paths[start:start + config.batch_size]])
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], config.batch_size - len(chunk), 0)])
         s, m = predictor(padded)
-        s, m = np.asarray(s)[: len(chunk)], np.asarray(m)[: len(chunk)]
-        report.save_overlays(out_dir, images, m, None, names=[Path(p).stem for p in chunk], scores=s)
-        scores += s.tolist()
-    return scores
+        images.append(chunk)
+        scores.append(np.asarray(s)[: len(chunk)])
+        maps.append(np.asarray(m)[: len(chunk)])
+    scores, maps = np.concatenate(scores), np.concatenate(maps)
+    report.save_overlays(out_dir, np.concatenate(images), maps, None, names=[Path(p).stem for p in paths], scores=scores)
+    return scores.tolist()
 
 
 def _write_json(path: Path, obj: Any) -> None:
