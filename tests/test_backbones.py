@@ -436,3 +436,16 @@ def test_corrupt_cache_entry_is_rebuilt(cache, lite0):
     fresh = backbones.load("efficientnet_lite0")
     np.testing.assert_array_equal(np.asarray(fresh(x, "stem")["stem"]), np.asarray(lite0(x, "stem")["stem"]))
     assert sum(entry.stat().st_size > 1_000_000 for entry in entries) == 1
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 17), (5, 2, 20), (3, 2, 15)])
+def test_depthwise_shift_equals_grouped_convolution(kernel, stride, size):
+    """The CPU formulation of the depthwise convolution matches the grouped one used on accelerators."""
+    from jaxad.backbones.layers import DepthwiseConv
+
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 3, 8))
+    variables = DepthwiseConv(kernel, stride, impl="grouped").init(jax.random.key(1), x)
+    grouped = DepthwiseConv(kernel, stride, impl="grouped").apply(variables, x)
+    shift = DepthwiseConv(kernel, stride, impl="shift").apply(variables, x)
+    assert grouped.shape == shift.shape == (2, -(-size // stride), -(-(size + 3) // stride), 8)
+    np.testing.assert_allclose(np.asarray(shift), np.asarray(grouped), atol=1e-5)

@@ -62,3 +62,19 @@ def test_anomaly_maps_upsample_then_blur():
     assert maps.shape == (1, 64, 64)
     peak = np.unravel_index(np.argmax(np.asarray(maps[0])), (64, 64))
     assert abs(peak[0] - 36) <= 2 and abs(peak[1] - 36) <= 2
+
+
+@pytest.mark.parametrize("hw, size", [((8, 8), (64, 64)), ((7, 11), (50, 90)), ((32, 32), (256, 256))])
+def test_anomaly_maps_equal_resize_then_blur(hw, size):
+    """The folded matrices reproduce torch-style bilinear upsampling followed by the scipy blur."""
+    import jax
+
+    patch = np.random.default_rng(1).random((2, *hw)).astype(np.float32)
+    up = np.asarray(jax.image.resize(jnp.asarray(patch), (2, *size), "bilinear", antialias=False))
+    ref = np.stack([gaussian_filter(a, 4, mode="mirror", truncate=4.0) for a in up])
+    np.testing.assert_allclose(np.asarray(postprocess.anomaly_maps(jnp.asarray(patch), size, 4.0)), ref, atol=1e-5)
+
+
+def test_blur_of_map_smaller_than_kernel_is_finite_and_normalised():
+    x = jnp.ones((1, 5, 5))
+    np.testing.assert_allclose(np.asarray(postprocess.gaussian_blur(x, 4.0)), 1.0, atol=1e-6)

@@ -27,6 +27,7 @@ class DepthwiseConv(nn.Module):
     kernel_size: int
     stride: int = 1
     dtype: Any = jnp.float32
+    impl: str = "auto"  # "shift", "grouped", or "auto": shift on CPU, grouped elsewhere
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -35,7 +36,8 @@ class DepthwiseConv(nn.Module):
         kernel = kernel.astype(self.dtype)
         x = x.astype(self.dtype)
         pads = [_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)]
-        if jax.default_backend() != "cpu":
+        impl = self.impl if self.impl != "auto" else ("shift" if jax.default_backend() == "cpu" else "grouped")
+        if impl == "grouped":
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels
             )
