@@ -7,6 +7,7 @@ file and can be refreshed independently; the command that produced a section is 
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import tempfile
@@ -31,7 +32,8 @@ COLUMNS = [
 def machine() -> str:
     """One line saying where the numbers were measured."""
     devices = jax.devices()
-    return f"{platform.processor() or platform.machine()}, {len(devices)}× {devices[0].device_kind}, jax {jax.__version__}"
+    return (f"{platform.machine()} with {os.cpu_count()} CPU cores, {len(devices)}× {devices[0].device_kind} "
+            f"({jax.default_backend()}), jax {jax.__version__}")
 
 
 def state_bytes(workdir: Path) -> int:

@@ -5,7 +5,8 @@
 
 Each dataset folder under --data-root (a category in MVTec layout) is fitted and evaluated with
 every variant; the table (accuracy, fit time, predict throughput, state size) replaces the
-section NAME of --out. Without --data-root: ../shared/data when present, else the synthetic set.
+section NAME of --out. Without --data-root: ../shared/data when present, else the synthetic set
+(also chosen by --data-root synthetic).
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="crd")
-    parser.add_argument("--data-root", type=Path)
+    parser.add_argument("--data-root", help="folder of datasets, one category, or 'synthetic'")
     parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--section", help="section name in --out (default: METHOD-DATAROOTNAME)")
     args = parser.parse_args()
     shared = ROOT.parent / "shared" / "data"
-    root = args.data_root or (shared if shared.is_dir() else synthetic.ensure())
+    if args.data_root == "synthetic" or (args.data_root is None and not shared.is_dir()):
+        root = synthetic.ensure()
+    else:
+        root = Path(args.data_root) if args.data_root else shared
     datasets = [c for d in sorted(p for p in root.iterdir() if p.is_dir()) for c in find_categories(d)] \
         if not (root / "train").is_dir() else [root]
     configs = benchmark.variants(load_config(config_path(args.method, ROOT / "configs")), args.variant)
