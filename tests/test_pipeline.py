@@ -157,3 +157,11 @@ def test_workdir_with_foreign_files_is_refused(category, tmp_path, capsys):
 def test_unknown_override_is_one_line(category, tmp_path, capsys):
     code, _, err = run_script("fit.py", "--data", category, "--workdir", tmp_path / "w", "--config.lamda=3", capsys=capsys)
     _one_line_error(code, err, "lamda")
+
+
+def test_wrong_weight_file_is_one_line(category, tmp_path, capsys):
+    bogus = tmp_path / "weights.pth"
+    bogus.write_text("not a checkpoint")
+    code, _, err = run_script("fit.py", "--data", category, "--workdir", tmp_path / "w", f"--config.weights={bogus}",
+                              *SMALL, capsys=capsys)
+    _one_line_error(code, err, str(bogus))
