@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from jaxad import backbones, checkpoint, pipeline, report
 from jaxad.config import apply_overrides
@@ -103,11 +102,3 @@ def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes
         lines += [notes, ""]
     return "\n".join(lines)
 
-
-def summarise(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Mean of ``key`` per variant, for quick comparison in notes."""
-    out: dict[str, list[float]] = {}
-    for r in rows:
-        if key in r and np.isfinite(r[key]):
-            out.setdefault(r["variant"], []).append(float(r[key]))
-    return {k: float(np.mean(v)) for k, v in out.items()}
