@@ -12,6 +12,7 @@ from PIL import Image
 from jaxad.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS_DIR = ROOT / "configs"
 SMALL = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=3"]
 
 

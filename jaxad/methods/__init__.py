@@ -12,7 +12,7 @@ from types import ModuleType
 
 from jaxad.errors import ConfigError
 
-METHODS: tuple[str, ...] = ("crd",)
+METHODS: tuple[str, ...] = ("crd", "patchcore")
 
 
 def get(name: str) -> ModuleType:

@@ -1,0 +1,67 @@
+"""PatchCore: every training patch feature (or a greedy coreset of them) is the memory bank; a test
+patch's score is the distance to its nearest bank patch.
+
+State: ``{'bank': (n, d) float32}``; the bank's squared norms are recomputed at predict time (one
+pass over n·d, negligible next to the search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxad import postprocess, sampling
+from jaxad.backbones import Backbone
+from jaxad.data import Batch
+from jaxad.distances import knn
+from jaxad.errors import ConfigError, NumericsError
+from jaxad.methods.crd import patch_features
+
+SCORES = ("reweighted", "max")
+
+
+def fit(
+    config: ml_collections.ConfigDict,
+    batches: Iterable[Batch],
+    backbone: Backbone,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Collect every training patch feature, then keep a greedy coreset of ``coreset_ratio`` of them."""
+    if config.score not in SCORES:
+        raise ConfigError(f"--config.score={config.score}: choose one of {', '.join(SCORES)}")
+    extract = jax.jit(lambda v, x: patch_features(config, backbone, v, x))
+    patches = []
+    for batch in batches:
+        f = np.asarray(extract(backbone.variables, batch.images))[np.asarray(batch.valid)]
+        if not np.isfinite(f).all():
+            bad = ", ".join(str(p) for p, v in zip(batch.paths, batch.valid) if v)
+            raise NumericsError(f"non-finite features from the backbone on one of: {bad}; check these images")
+        patches.append(f.reshape(-1, f.shape[-1]))
+        if progress is not None:
+            progress(int(np.sum(batch.valid)))
+    if not patches:
+        raise NumericsError("no training batch was seen; the training set is empty")
+    bank = np.concatenate(patches)
+    if config.coreset_ratio < 1.0:
+        count = max(1, int(round(config.coreset_ratio * len(bank))))
+        keep = sampling.greedy_coreset(jnp.asarray(bank), count, jax.random.key(config.seed), config.projection_dim)
+        bank = bank[np.asarray(keep)]
+    return {"bank": jnp.asarray(bank, jnp.float32)}
+
+
+def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); jit with config/backbone bound."""
+    f = patch_features(config, backbone, state["backbone"], images)
+    bank = knn.make_bank(state["bank"])
+    squared = config.score == "max"
+    dist, idx = knn.nearest(f, bank, k=1, chunk_size=config.chunk_size, squared=squared)
+    patch_scores, nn_index = dist[..., 0], idx[..., 0]
+    maps = postprocess.anomaly_maps(patch_scores, images.shape[1:3], config.blur_sigma)
+    if config.score == "max":
+        return jnp.max(patch_scores, axis=(1, 2)), maps
+    return knn.reweighted_scores(f, patch_scores, nn_index, bank, config.num_neighbours), maps
