@@ -2,6 +2,10 @@
 
     python scripts/bench.py --method crd [--data-root ../shared/data] \
         [--variant NAME:KEY=VALUE,KEY=VALUE ...] [--out BENCHMARKS.md] [--section NAME]
+    python scripts/bench.py --distances [--max-n 10000000] [--section NAME]
+
+--distances times CRD against exact and 1%-coreset nearest neighbour on synthetic features for
+d in {152, 1536} and growing bank sizes, with a log-log plot beside --out.
 
 Each dataset folder under --data-root (a category in MVTec layout) is fitted and evaluated with
 every variant; the table (accuracy, fit time, predict throughput, state size) replaces the
@@ -16,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxad import benchmark, cli
+from jaxad import benchmark, cli, distance_benchmark, report
 from jaxad.config import config_path, load_config
 from jaxad.data import find_categories, synthetic
 
@@ -30,7 +34,12 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--section", help="section name in --out (default: METHOD-DATAROOTNAME)")
+    parser.add_argument("--distances", action="store_true", help="run the distance micro-benchmark instead")
+    parser.add_argument("--max-n", type=float, default=1e7, help="largest bank for d=152 (d=1536 stops 10x lower)")
     args = parser.parse_args()
+    command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.distances:
+        return distances(args, command)
     shared = ROOT.parent / "shared" / "data"
     if args.data_root == "synthetic" or (args.data_root is None and not shared.is_dir()):
         root = synthetic.ensure()
@@ -40,10 +49,35 @@ def main() -> int:
         if not (root / "train").is_dir() else [root]
     configs = benchmark.variants(load_config(config_path(args.method, ROOT / "configs")), args.variant)
     rows = benchmark.run(configs, datasets)
-    command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     section = args.section or f"{args.method}-{root.resolve().name}"
     title = f"{args.method} on {root.resolve().name}"
     benchmark.write_section(args.out, section, benchmark.accuracy_section(title, command, rows))
+    print(f"wrote section {section!r} of {args.out}")
+    return 0
+
+
+def distances(args: argparse.Namespace, command: str) -> int:
+    peak = distance_benchmark.matmul_peak()
+    rows = []
+    for d, largest in ((152, args.max_n), (1536, args.max_n / 10)):
+        sizes = sorted({int(n) for n in (1e3, 1e4, 1e5, 1.6e5, 1e6, 1e7) if n <= largest})
+        for n in sizes:
+            rows.append(distance_benchmark.measure(d, n))
+            print(f"d={d} n={n}: CRD {rows[-1]['crd_s']:.4f} s, NN {rows[-1]['nn_s']:.3f} s", flush=True)
+    section = args.section or "distances"
+    plots = []
+    for d in (152, 1536):
+        sub = [r for r in rows if r["d"] == d]
+        name = f"benchmarks/{section}_d{d}.png"
+        (args.out.parent / "benchmarks").mkdir(exist_ok=True)
+        report.save_line_plot(
+            args.out.parent / name,
+            {k: ([r["n"] for r in sub], [r[f"{k}_s"] for r in sub]) for k in ("crd", "nn", "coreset_nn")},
+            "training patches n", "seconds per 10^4 queries", f"distance cost, d={d}", logx=True, logy=True,
+        )
+        plots.append(name)
+    body = distance_benchmark.section(rows, peak, command, benchmark.machine(), plots)
+    benchmark.write_section(args.out, section, body)
     print(f"wrote section {section!r} of {args.out}")
     return 0
 
