@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--section", help="section name in --out (default: METHOD-DATAROOTNAME)")
     parser.add_argument("--distances", action="store_true", help="run the distance micro-benchmark instead")
     parser.add_argument("--max-n", type=float, default=1e7, help="largest bank for d=152 (d=1536 stops 10x lower)")
+    parser.add_argument("--flop-budget", type=float, default=2e11, help="NN FLOPs timed per measurement (raise on accelerators)")
     args = parser.parse_args()
     command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.distances:
@@ -62,7 +63,7 @@ def distances(args: argparse.Namespace, command: str) -> int:
     for d, largest in ((152, args.max_n), (1536, args.max_n / 10)):
         sizes = sorted({int(n) for n in (1e3, 1e4, 1e5, 1.6e5, 1e6, 1e7) if n <= largest})
         for n in sizes:
-            rows.append(distance_benchmark.measure(d, n))
+            rows.append(distance_benchmark.measure(d, n, flop_budget=args.flop_budget))
             print(f"d={d} n={n}: CRD {rows[-1]['crd_s']:.4f} s, NN {rows[-1]['nn_s']:.3f} s", flush=True)
     section = args.section or "distances"
     plots = []
