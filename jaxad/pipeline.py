@@ -100,6 +100,7 @@ def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Pat
     dataset = open_dataset(category)
     config = ml_collections.ConfigDict(config.to_dict())
     config.data = str(Path(category).resolve())
+    config.workdir = str(workdir.resolve())  # trained methods keep resumable checkpoints in workdir/train
     state, fit_seconds = fit(config, dataset, backbone)
     saved = {k: v for k, v in state.items() if k not in RUNTIME_KEYS}
     checkpoint.save(workdir, config, saved)

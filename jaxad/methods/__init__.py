@@ -1,22 +1,27 @@
 """Anomaly-detection methods, found by name: ``jaxad.methods.get('crd')``.
 
-Each method module provides ``fit(config, batches, backbone, mesh=None, progress=None) -> state``
-and ``predict(config, backbone, state, images) -> (image_scores, maps)``, a pure function to be
-jit-compiled with ``config`` and ``backbone`` bound.
+Each public module here is a method. It provides ``fit(config, batches, backbone, mesh=None,
+progress=None) -> state`` and ``predict(config, backbone, state, images) -> (image_scores, maps)``,
+a pure function to be jit-compiled with ``config`` and ``backbone`` bound. Modules whose name
+starts with an underscore hold parts that several methods share.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from types import ModuleType
 
 from jaxad.errors import ConfigError
 
-METHODS: tuple[str, ...] = ("crd", "patchcore")
+
+def names() -> list[str]:
+    """Every method name, sorted."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def get(name: str) -> ModuleType:
     """The module implementing method ``name``."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    if name not in names():
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(names())}")
     return importlib.import_module(f"jaxad.methods.{name}")

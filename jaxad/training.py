@@ -1,0 +1,111 @@
+"""The loop every trained method shares: jitted steps, progress, resumable orbax checkpoints.
+
+A method supplies its train state (any pytree of arrays: params, optimiser state, BatchNorm
+statistics, step counter), a jitted ``step(state, batch, key) -> (state, metrics)`` and an
+endless batch source. ``train`` resumes from the newest checkpoint in ``checkpoint_dir`` when there
+is one, so an interrupted fit continues where it stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from jaxad.errors import DataError, NumericsError
+
+Step = Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
+
+
+def collect_images(batches, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Every valid training image of a batch stream in host memory, [N, H, W, 3] float32.
+
+    Trained methods pass over their (small, one-category) training set many times; holding it
+    once in memory is cheaper than decoding files again every epoch.
+    """
+    images = []
+    for batch in batches:
+        valid = np.asarray(batch.valid)
+        images.append(np.asarray(batch.images, np.float32)[valid])
+        if progress is not None:
+            progress(int(valid.sum()))
+    if not images or sum(len(x) for x in images) == 0:
+        raise DataError("the training set is empty: a trained method needs at least one image")
+    return np.concatenate(images)
+
+
+def hold_out(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation): a seeded random ``fraction`` of ``count`` items for validation.
+
+    At least one item stays on each side when there are two or more, so model selection never
+    falls back to the test set.
+    """
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = int(round(fraction * count))
+    n_val = min(max(n_val, 1), count - 1) if count >= 2 and fraction > 0 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def random_batches(images: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless shuffled batches of ``images`` (an epoch is one permutation; batches never straddle)."""
+    rng = np.random.default_rng(seed)
+    batch_size = min(batch_size, len(images))
+    while True:
+        order = rng.permutation(len(images))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield images[order[start : start + batch_size]]
+
+
+def _manager(checkpoint_dir: Path, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(checkpoint_dir.resolve(), options=options)
+
+
+def train(
+    step: Step,
+    state: Any,
+    batches: Iterator[Any],
+    steps: int,
+    key: jax.Array,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1000,
+    desc: str = "train",
+    log_every: int = 50,
+) -> tuple[Any, list[dict[str, float]]]:
+    """Run ``step`` until ``steps`` optimiser steps are done; returns (state, logged metrics).
+
+    The step number is counted here; the key of step ``i`` is ``fold_in(key, i)``, so a resumed run
+    draws the same noise a continuous one would. A non-finite loss stops training with an error
+    naming the step instead of saving NaN weights.
+    """
+    start, manager = 0, None
+    if checkpoint_dir is not None:
+        manager = _manager(Path(checkpoint_dir), keep=2)
+        latest = manager.latest_step()
+        if latest is not None:
+            state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+            start = latest
+    history: list[dict[str, float]] = []
+    with tqdm(total=steps, initial=start, desc=desc, unit="step", leave=False, dynamic_ncols=True) as bar:
+        for i in range(start, steps):
+            state, metrics = step(state, next(batches), jax.random.fold_in(key, i))
+            if (i + 1) % log_every == 0 or i + 1 == steps:
+                logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(np.isfinite(v) for v in logged.values()):
+                    raise NumericsError(f"{desc}: non-finite training metrics {logged} at step {i + 1}; "
+                                        "lower the learning rate or check the inputs")
+                history.append({"step": i + 1, **logged})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
+            bar.update(1)
+            if manager is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == steps):
+                manager.save(i + 1, args=ocp.args.StandardSave(state))
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    return state, history

@@ -1,0 +1,63 @@
+"""The shared training loop: resuming from a checkpoint equals training straight through."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxad import training
+from jaxad.errors import DataError, NumericsError
+
+
+def _problem(lr: float = 0.1):
+    opt = optax.adam(lr)
+    params = {"w": jnp.zeros(3, jnp.float32)}
+    target = jnp.array([1.0, -2.0, 0.5])
+
+    @jax.jit
+    def step(state, batch, key):
+        def loss(p):
+            noise = 0.01 * jax.random.normal(key, (3,))
+            return jnp.mean((p["w"] - target - noise) ** 2) * jnp.mean(batch)
+
+        value, grads = jax.value_and_grad(loss)(state["params"])
+        updates, opt_state = opt.update(grads, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state}, {"loss": value}
+
+    return step, {"params": params, "opt": opt.init(params)}
+
+
+def _batches():
+    return training.random_batches(np.ones((10, 2), np.float32), 4, seed=0)
+
+
+def test_resume_matches_a_continuous_run(tmp_path):
+    step, state = _problem()
+    key = jax.random.key(0)
+    straight, history = training.train(step, state, _batches(), 60, key, log_every=20)
+    assert [h["step"] for h in history] == [20, 40, 60]
+    training.train(step, state, _batches(), 12, key, checkpoint_dir=tmp_path, checkpoint_every=5)
+    resumed, _ = training.train(step, state, _batches(), 60, key, checkpoint_dir=tmp_path, checkpoint_every=5)
+    np.testing.assert_allclose(resumed["params"]["w"], straight["params"]["w"], rtol=1e-6)
+    assert float(jnp.abs(straight["params"]["w"] - jnp.array([1.0, -2.0, 0.5])).max()) < 0.1
+
+
+def test_non_finite_loss_names_the_step():
+    step, state = _problem(lr=float("nan"))
+    with pytest.raises(NumericsError, match="step 5"):
+        training.train(step, state, _batches(), 10, jax.random.key(0), log_every=5)
+
+
+def test_hold_out_keeps_both_sides_non_empty():
+    train, val = training.hold_out(2, 0.1, seed=0)
+    assert len(train) == 1 and len(val) == 1
+    train, val = training.hold_out(100, 0.1, seed=0)
+    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 100
+
+
+def test_collect_images_rejects_an_empty_stream():
+    with pytest.raises(DataError, match="empty"):
+        training.collect_images(iter(()))
