@@ -34,6 +34,15 @@ def resize_bilinear(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
     return jax.image.resize(x, shape, method="bilinear", antialias=False)
 
 
+def resize_nearest(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """Nearest-neighbour resize of NHWC maps, source index ⌊i·in/out⌋ (torch's ``mode='nearest'``)."""
+    if x.shape[1:3] == tuple(hw):
+        return x
+    rows = (jnp.arange(hw[0]) * x.shape[1]) // hw[0]
+    cols = (jnp.arange(hw[1]) * x.shape[2]) // hw[1]
+    return x[:, rows][:, :, cols]
+
+
 def embed(feature_maps: Mapping[str, jax.Array], taps: Sequence[str], aggregate: int = 3) -> jax.Array:
     """Concatenate ``taps`` (in order) on the grid of the finest one → [B, h, w, Σ channels]."""
     maps = [local_average(feature_maps[t].astype(jnp.float32), aggregate) for t in taps]
