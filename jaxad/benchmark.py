@@ -18,14 +18,19 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxad import backbones, checkpoint, pipeline, report
-from jaxad.config import apply_overrides
+from jaxad.config import apply_overrides, config_path, load_config
+from jaxad.data import iterate_batches, open_dataset
+from jaxad.errors import ConfigError
 
 COLUMNS = [
     "dataset", "method", "variant", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
-    "n_train", "n_test", "fit_seconds", "predict_images_per_second", "state_bytes",
+    "n_train", "n_test", "fit_seconds", "latency_ms_b1", "images_per_s_b16", "state_bytes",
 ]
+LATENCY_REPEATS = 20
+THROUGHPUT_BATCH = 16
 
 
 def machine() -> str:
@@ -40,36 +45,73 @@ def state_bytes(workdir: Path) -> int:
     return sum(p.stat().st_size for p in (workdir / "state").rglob("*") if p.is_file())
 
 
+def _median_seconds(fn, images: np.ndarray, repeats: int) -> float:
+    jax.block_until_ready(fn(images))  # compile
+    jax.block_until_ready(fn(images))  # warm caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(images))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def speed(config: ml_collections.ConfigDict, predictor, data: Path) -> dict[str, float]:
+    """Predict latency at batch 1 (median of 20 after warm-up) and images/s at batch 16.
+
+    Timed on the category's first test (else training) images, model call only: decoding and
+    resizing are the same for every method and left out.
+    """
+    dataset = open_dataset(data)
+    samples = (dataset.test or dataset.train)[:THROUGHPUT_BATCH]
+    batch = next(iterate_batches(samples, pipeline.image_size(config), THROUGHPUT_BATCH))
+    images = np.asarray(batch.images)
+    images = images[np.arange(THROUGHPUT_BATCH) % max(int(np.sum(batch.valid)), 1)]  # fill a padded batch
+    one = _median_seconds(predictor, images[:1], LATENCY_REPEATS)
+    many = _median_seconds(predictor, images, max(3, LATENCY_REPEATS // 4))
+    return {"latency_ms_b1": 1e3 * one, "images_per_s_b16": THROUGHPUT_BATCH / many}
+
+
 def run(
-    configs: dict[str, ml_collections.ConfigDict],
+    configs: dict[tuple[str, str], ml_collections.ConfigDict],
     datasets: Sequence[Path],
     workroot: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Fit and evaluate every (variant, dataset); returns one row each."""
+    """Fit, evaluate and time every ((method, variant), dataset); returns one row each."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workroot) if workroot is not None else Path(tmp)
-        for variant, config in configs.items():
+        for (method, variant), config in configs.items():
             bb = backbones.load(config.backbone, config.weights or None)
             for data in datasets:
-                workdir = root / f"{variant}-{data.name}"
+                workdir = root / f"{method}-{variant}-{data.name}"
                 result = pipeline.run_category(config, data, workdir, bb)
+                saved = checkpoint.load(workdir)[1]
                 rows.append({
-                    **result, "dataset": data.name, "variant": variant,
+                    **result, "dataset": data.name, "method": method, "variant": variant,
+                    **speed(config, pipeline.make_predictor(config, bb, saved), data),
                     "state_bytes": state_bytes(checkpoint.prepare_workdir(workdir)),
                 })
     return rows
 
 
-def variants(base: ml_collections.ConfigDict, specs: Sequence[str]) -> dict[str, ml_collections.ConfigDict]:
-    """``NAME:KEY=VALUE,KEY=VALUE`` strings → named configs (``default`` when none are given)."""
-    if not specs:
-        return {"default": base}
+def variants(methods: Sequence[str], specs: Sequence[str], config_dir: Path) -> dict[tuple[str, str], ml_collections.ConfigDict]:
+    """Configs keyed by (method, variant) from ``[METHOD/]NAME:KEY=VALUE,...`` strings.
+
+    A variant with a ``METHOD/`` prefix applies to that method only, one without to every method;
+    each method also runs its ``default`` config unless a variant of its own is named ``default``.
+    """
     out = {}
-    for spec in specs:
-        name, _, body = spec.partition(":")
-        overrides = [f"--config.{kv}" for kv in body.split(",") if kv]
-        out[name] = apply_overrides(base, overrides)
+    for method in methods:
+        base = load_config(config_path(method, config_dir))
+        out[(method, "default")] = base
+        for spec in specs:
+            head, _, body = spec.partition(":")
+            scope, _, name = head.rpartition("/")
+            if scope and scope not in methods:
+                raise ConfigError(f"--variant {spec}: {scope!r} is not one of the benchmarked methods {list(methods)}")
+            if scope in ("", method):
+                out[(method, name)] = apply_overrides(base, [f"--config.{kv}" for kv in body.split(",") if kv])
     return out
 
 

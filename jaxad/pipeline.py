@@ -24,7 +24,8 @@ from jaxad.data import Dataset, find_categories, iterate_batches, open_dataset, 
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
 
 
-def _image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """The (H, W) images are resized to for ``config``."""
     size = config.image_size
     return (size, size) if isinstance(size, int) else tuple(size)
 
@@ -36,7 +37,7 @@ def _progress(desc: str, total: int) -> tqdm:
 def fit(config: ml_collections.ConfigDict, dataset: Dataset, backbone: backbones.Backbone) -> tuple[dict, float]:
     """Fit ``config.method`` on the dataset's training images; returns (state, seconds)."""
     method = methods.get(config.method)
-    batches = iterate_batches(dataset.train, _image_size(config), config.batch_size)
+    batches = iterate_batches(dataset.train, image_size(config), config.batch_size)
     start = time.perf_counter()
     with _progress(f"fit {dataset.name}", len(dataset.train)) as bar:
         state = method.fit(config, batches, backbone, progress=bar.update)
@@ -54,7 +55,7 @@ def make_predictor(config: ml_collections.ConfigDict, backbone: backbones.Backbo
 
 def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, workdir: Path) -> dict[str, Any]:
     """Score the test split, compute every metric, write metrics-side images; returns the metrics."""
-    size = _image_size(config)
+    size = image_size(config)
     test = dataset.test
     keep = set(np.linspace(0, len(test) - 1, min(config.num_overlays, len(test))).round().astype(int).tolist())
     scores, maps, masks, kept_images = [], [], [], []
@@ -136,7 +137,7 @@ def predict_files(workdir: Path, paths: list[Path], out_dir: Path) -> list[float
     config, saved = checkpoint.load(workdir)
     backbone = backbones.load(config.backbone, config.weights or None)
     predictor = make_predictor(config, backbone, saved)
-    size = _image_size(config)
+    size = image_size(config)
     images, scores, maps = [], [], []
     for start in range(0, len(paths), config.batch_size):
         chunk = np.stack([resize_image(read_image(p), size) for p in paths[start:start + config.batch_size]])

@@ -1,15 +1,16 @@
 """Benchmark methods on every dataset under a root and write the results into BENCHMARKS.md.
 
-    python scripts/bench.py --method crd [--data-root ../shared/data] \
-        [--variant NAME:KEY=VALUE,KEY=VALUE ...] [--out BENCHMARKS.md] [--section NAME]
+    python scripts/bench.py --method crd [--method padim ...] [--data-root ../shared/data] \
+        [--variant [METHOD/]NAME:KEY=VALUE,KEY=VALUE ...] [--out BENCHMARKS.md] [--section NAME]
     python scripts/bench.py --distances [--max-n 10000000] [--section NAME]
 
 --distances times CRD against exact and 1%-coreset nearest neighbour on synthetic features for
 d in {152, 1536} and growing bank sizes, with a log-log plot beside --out.
 
 Each dataset folder under --data-root (a category in MVTec layout) is fitted and evaluated with
-every variant; the table (accuracy, fit time, predict throughput, state size) replaces the
-section NAME of --out. Without --data-root: ../shared/data when present, else the synthetic set
+every method's default config and every variant (a METHOD/ prefix limits a variant to one
+method); the table (accuracy, fit time, predict latency at batch 1 and throughput at batch 16,
+state size) replaces the section NAME of --out. Without --data-root: ../shared/data when present, else the synthetic set
 (also chosen by --data-root synthetic).
 """
 
@@ -21,7 +22,6 @@ import sys
 from pathlib import Path
 
 from jaxad import benchmark, cli, distance_benchmark, report
-from jaxad.config import config_path, load_config
 from jaxad.data import find_categories, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="crd")
+    parser.add_argument("--method", action="append", help="method to benchmark (repeatable; default crd)")
     parser.add_argument("--data-root", help="folder of datasets, one category, or 'synthetic'")
     parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -48,10 +48,11 @@ def main() -> int:
         root = Path(args.data_root) if args.data_root else shared
     datasets = [c for d in sorted(p for p in root.iterdir() if p.is_dir()) for c in find_categories(d)] \
         if not (root / "train").is_dir() else [root]
-    configs = benchmark.variants(load_config(config_path(args.method, ROOT / "configs")), args.variant)
+    methods = args.method or ["crd"]
+    configs = benchmark.variants(methods, args.variant, ROOT / "configs")
     rows = benchmark.run(configs, datasets)
-    section = args.section or f"{args.method}-{root.resolve().name}"
-    title = f"{args.method} on {root.resolve().name}"
+    section = args.section or f"{'-'.join(methods)}-{root.resolve().name}"
+    title = f"{', '.join(methods)} on {root.resolve().name}"
     benchmark.write_section(args.out, section, benchmark.accuracy_section(title, command, rows))
     print(f"wrote section {section!r} of {args.out}")
     return 0
