@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxad import sampling
 from jaxad.distances import crd, knn
 
 QUERIES = 10_000
@@ -62,6 +63,35 @@ def measure(d: int, n: int, flop_budget: float = 2e11, chunk_size: int = 10_000)
     row["speedup_vs_nn"] = row["nn_s"] / t_crd
     row["speedup_vs_coreset"] = row["coreset_nn_s"] / t_crd
     return row
+
+
+def coreset_speed(n: int, ratio: float, d: int = 152, projection_dim: int = 128, budget_s: float = 300.0) -> dict[str, Any]:
+    """Seconds for a greedy coreset of ``ratio``·n from n random d-dim patches.
+
+    Every greedy step is one pass over the n projected points, so the time is a setup cost plus a
+    constant per step. Both are measured from two short runs; the full run is timed when that
+    predicts it fits ``budget_s``, else the total is reported as extrapolated (and marked so).
+    """
+    points = jnp.asarray(np.random.default_rng(n).standard_normal((n, d), dtype=np.float32))
+    count = max(1, int(round(ratio * n)))
+    key = jax.random.key(0)
+
+    def timed(c: int) -> float:
+        sampling.greedy_coreset(points, c, key, projection_dim).block_until_ready()  # compile
+        start = time.perf_counter()
+        sampling.greedy_coreset(points, c, key, projection_dim).block_until_ready()
+        return time.perf_counter() - start
+
+    short = min(count, 100)
+    t_short, t_long = timed(short), timed(min(count, 4 * short))
+    per_step = max(t_long - t_short, 0.0) / max(min(count, 4 * short) - short, 1)
+    predicted = t_short + per_step * (count - short)
+    measured = predicted <= budget_s
+    seconds = timed(count) if measured and count > 4 * short else (t_long if count <= 4 * short else predicted)
+    step_bytes = n * min(d, projection_dim) * 4
+    return {"n": n, "ratio": ratio, "coreset": count, "seconds": seconds,
+            "how": "measured" if measured or count <= 4 * short else "extrapolated",
+            "ms_per_step": 1e3 * per_step, "gb_per_s": step_bytes / per_step / 1e9 if per_step > 0 else float("nan")}
 
 
 def crossover(rows: Sequence[dict[str, float]], key: str = "nn_s") -> float | None:
