@@ -133,13 +133,13 @@ def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes
         report.markdown_table(rows, COLUMNS), "",
     ]
     per_defect = [
-        {"dataset": r["dataset"], "variant": r["variant"], **{k: v for k, v in r["per_defect_image_auroc"].items()}}
+        {"dataset": r["dataset"], "method": r.get("method", ""), "variant": r["variant"], **r["per_defect_image_auroc"]}
         for r in rows if "per_defect_image_auroc" in r
     ]
     if per_defect:
-        groups = sorted({k for r in per_defect for k in r} - {"dataset", "variant"})
+        groups = sorted({k for r in per_defect for k in r} - {"dataset", "method", "variant"})
         lines += ["Image AUROC per defect type (each type against all good test images):", "",
-                  report.markdown_table(per_defect, ["dataset", "variant", *groups]), ""]
+                  report.markdown_table(per_defect, ["dataset", "method", "variant", *groups]), ""]
     if notes:
         lines += [notes, ""]
     return "\n".join(lines)
