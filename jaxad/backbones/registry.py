@@ -1,8 +1,8 @@
 """Backbones by name: build the Flax module, convert its weights once, serve jitted features.
 
-An architecture module registers an ``Entry`` per name; ``load`` finds the weights (bundled in a
-pip package, or a file the user names), converts them on first use and caches the result, so
-later runs skip the conversion.
+An architecture module registers an ``Entry`` per name; ``load`` finds the weights (a file the
+user names; else weights installed earlier with ``install_weights``; else the file a pip package
+ships or torch has cached), converts them on first use and caches the result, so later runs skip the conversion.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
+from jaxad.backbones import hub
 from jaxad.backbones.torch_weights import read_state_dict
 from jaxad.errors import ConfigError, DataError, WeightsError
 
@@ -44,7 +45,8 @@ class Entry:
 
     module: ``dtype → Flax module`` whose ``__call__(images, taps)`` returns ``{tap: NHWC map}``.
     convert: ``(state dict, eval_shape of init, source name) → variables``.
-    bundled: the path of the weights a pip package ships (raises WeightsError when not installed).
+    bundled: the path of the default weights, shipped by a pip package or found in torch's cache
+        (raises WeightsError saying how to get them when absent).
     """
 
     module: Callable[..., nn.Module]
@@ -170,6 +172,7 @@ def _write_cache(path: Path, variables: dict) -> None:
 def _variables(name: str, entry: Entry, source: Path, target: Any) -> dict:
     if not source.is_file():
         raise WeightsError(f"{source}: weight file not found; check the path, or pass none for the bundled weights")
+    hub.check_hash(source)
     cached = cache_dir() / f"{name}-{_digest(source)}-v{CACHE_FORMAT}.msgpack"
     variables = _read_cache(cached, target)
     if variables is None:
@@ -178,17 +181,45 @@ def _variables(name: str, entry: Entry, source: Path, target: Any) -> dict:
     return variables
 
 
-def load(name: str, weights: str | os.PathLike | None = None, dtype: Any = jnp.float32) -> Backbone:
-    """The backbone ``name`` with ``weights`` (a .pth/.safetensors file; None: the bundled weights).
-
-    ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters and outputs stay float32.
-    """
+def _entry(name: str) -> Entry:
     entry = _ENTRIES.get(name)
     if entry is None:
         raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(names())}")
-    module = entry.module(dtype=dtype)
+    return entry
+
+
+def _target(module: nn.Module, entry: Entry) -> Any:
+    """The variables' shapes, from tracing ``init`` (nothing is computed)."""
     images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    target = jax.eval_shape(partial(module.init, taps=tuple(entry.taps)), jax.random.PRNGKey(0), images)
-    source = Path(weights) if weights else entry.bundled()
-    variables = jax.device_put(_variables(name, entry, source, target))
-    return Backbone(name, module, entry.taps, variables)
+    return jax.eval_shape(partial(module.init, taps=tuple(entry.taps)), jax.random.PRNGKey(0), images)
+
+
+def ported_path(name: str) -> Path:
+    """Where ``port`` keeps the converted default weights of ``name``."""
+    return cache_dir() / f"{name}-default-v{CACHE_FORMAT}.msgpack"
+
+
+def install_weights(name: str, source: str | os.PathLike | None = None) -> Path:
+    """Convert ``source`` (default: the file a pip package ships or torch has cached) and keep the
+    result as ``name``'s default weights, so configs that name no weight file find them."""
+    entry = _entry(name)
+    target = _target(entry.module(dtype=jnp.float32), entry)
+    variables = _variables(name, entry, Path(source) if source else entry.bundled(), target)
+    _write_cache(ported_path(name), variables)
+    if _read_cache(ported_path(name), target) is None:
+        raise WeightsError(f"{ported_path(name)}: could not write the converted weights; set JAXAD_CACHE to a writable folder")
+    return ported_path(name)
+
+
+def load(name: str, weights: str | os.PathLike | None = None, dtype: Any = jnp.float32) -> Backbone:
+    """The backbone ``name`` with ``weights`` (a .pth/.safetensors file; None: the default weights).
+
+    ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters and outputs stay float32.
+    """
+    entry = _entry(name)
+    module = entry.module(dtype=dtype)
+    target = _target(module, entry)
+    variables = None if weights else _read_cache(ported_path(name), target)
+    if variables is None:
+        variables = _variables(name, entry, Path(weights) if weights else entry.bundled(), target)
+    return Backbone(name, module, entry.taps, jax.device_put(variables))
