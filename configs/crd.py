@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method = "crd"
     c.backbone = "efficientnet_lite0"
     c.weights = ""  # empty: the bundled or cached weights of `backbone`; else a .pth/.safetensors path
+    c.compute_dtype = "float32"  # or "bfloat16": backbone compute only (BENCHMARKS.md gives its error)
     c.taps = ("stage2", "stage4")  # stride 8 (40 ch) and stride 16 (112 ch): d = 152
     c.aggregate = 3  # k×k local average of each tap before concatenation (1 = off)
     c.image_size = 256

@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method = "padim"
     c.backbone = "efficientnet_lite0"
     c.weights = ""  # empty: the bundled or cached weights of `backbone`; else a .pth/.safetensors path
+    c.compute_dtype = "float32"  # or "bfloat16": backbone compute only (BENCHMARKS.md gives its error)
     c.taps = ("stage1", "stage2", "stage4")  # strides 4, 8, 16; the first sets the grid
     c.num_channels = 100
     c.reg = 0.01

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxad import backbones, checkpoint, pipeline, report
+from jaxad import checkpoint, pipeline, report
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.data import iterate_batches, open_dataset
 from jaxad.errors import ConfigError
@@ -82,7 +82,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workroot) if workroot is not None else Path(tmp)
         for (method, variant), config in configs.items():
-            bb = backbones.load(config.backbone, config.weights or None)
+            bb = pipeline.load_backbone(config)
             for data in datasets:
                 workdir = root / f"{method}-{variant}-{data.name}"
                 result = pipeline.run_category(config, data, workdir, bb)

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from jaxad import backbones, checkpoint, methods, metrics, report
 from jaxad.data import Dataset, find_categories, iterate_batches, open_dataset, read_image, resize_image
+from jaxad.errors import ConfigError
 
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
 
@@ -32,6 +34,17 @@ def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 def _progress(desc: str, total: int) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_backbone(config: ml_collections.ConfigDict) -> backbones.Backbone:
+    """The config's backbone and weights, computing in ``compute_dtype`` (default float32)."""
+    name = config.get("compute_dtype", "float32")
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"--config.compute_dtype={name}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    return backbones.load(config.backbone, config.weights or None, dtype=COMPUTE_DTYPES[name])
 
 
 def fit(config: ml_collections.ConfigDict, dataset: Dataset, backbone: backbones.Backbone) -> tuple[dict, float]:
@@ -115,7 +128,7 @@ def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Pat
 def run(config: ml_collections.ConfigDict, data: Path, workdir: Path) -> list[dict]:
     """Fit and evaluate every category found under ``data``; one workdir each when several."""
     categories = find_categories(data)
-    backbone = backbones.load(config.backbone, config.weights or None)
+    backbone = load_backbone(config)
     if len(categories) == 1:
         return [run_category(config, categories[0], workdir, backbone)]
     top = checkpoint.prepare_workdir(workdir)
@@ -128,14 +141,14 @@ def reevaluate(workdir: Path, data: Path | None = None) -> dict:
     """Reload a fitted workdir and evaluate it again (on ``data`` or the data it was fitted on)."""
     config, saved = checkpoint.load(workdir)
     dataset = open_dataset(data if data is not None else Path(config.data))
-    backbone = backbones.load(config.backbone, config.weights or None)
+    backbone = load_backbone(config)
     return evaluate(config, make_predictor(config, backbone, saved), dataset, Path(workdir))
 
 
 def predict_files(workdir: Path, paths: list[Path], out_dir: Path) -> list[float]:
     """Score image files with a fitted workdir; maps written to ``out_dir``; one score per image."""
     config, saved = checkpoint.load(workdir)
-    backbone = backbones.load(config.backbone, config.weights or None)
+    backbone = load_backbone(config)
     predictor = make_predictor(config, backbone, saved)
     size = image_size(config)
     images, scores, maps = [], [], []

@@ -4,10 +4,13 @@
         [--variant [METHOD/]NAME:KEY=VALUE,KEY=VALUE ...] [--out BENCHMARKS.md] [--section NAME]
     python scripts/bench.py --distances [--max-n 10000000] [--section NAME]
     python scripts/bench.py --coreset [--coreset-budget 300] [--section NAME]
+    python scripts/bench.py --backbones [--no-compile] [--section NAME]
 
 --distances times CRD against exact and 1%-coreset nearest neighbour on synthetic features for
 d in {152, 1536} and growing bank sizes, with a log-log plot beside --out. --coreset times the
-greedy coreset (10^5 and 10^6 patches of d=152, 1% and 10%).
+greedy coreset (10^5 and 10^6 patches of d=152, 1% and 10%). --backbones times jitted feature
+extraction per backbone against torchvision/timm (eager and torch.compile; needs the `port` extra)
+and measures the error of bfloat16 compute on the tapped maps.
 
 Each dataset folder under --data-root (a category in MVTec layout) is fitted and evaluated with
 every method's default config and every variant (a METHOD/ prefix limits a variant to one
@@ -23,7 +26,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxad import benchmark, cli, distance_benchmark, report
+import jax
+import jax.numpy as jnp
+
+from jaxad import backbone_benchmark, backbones, benchmark, cli, distance_benchmark, report
 from jaxad.data import find_categories, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +47,16 @@ def main() -> int:
     parser.add_argument("--flop-budget", type=float, default=2e11, help="NN FLOPs timed per measurement (raise on accelerators)")
     parser.add_argument("--coreset", action="store_true", help="time greedy coreset subsampling instead")
     parser.add_argument("--coreset-budget", type=float, default=300.0, help="seconds a timed coreset run may take")
+    parser.add_argument("--backbones", action="store_true", help="time feature extraction per backbone instead")
+    parser.add_argument("--no-compile", action="store_true", help="with --backbones: skip torch.compile")
     args = parser.parse_args()
     command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.distances:
         return distances(args, command)
     if args.coreset:
         return coreset(args, command)
+    if args.backbones:
+        return backbone_speed(args, command)
     shared = ROOT.parent / "shared" / "data"
     if args.data_root == "synthetic" or (args.data_root is None and not shared.is_dir()):
         root = synthetic.ensure()
@@ -85,6 +95,44 @@ def distances(args: argparse.Namespace, command: str) -> int:
         )
         plots.append(name)
     body = distance_benchmark.section(rows, peak, command, benchmark.machine(), plots)
+    benchmark.write_section(args.out, section, body)
+    print(f"wrote section {section!r} of {args.out}")
+    return 0
+
+
+def backbone_speed(args: argparse.Namespace, command: str) -> int:
+    import torch_reference  # the torch side lives beside this script: jaxad never imports torch
+
+    rows, errors = [], []
+    for name, (taps, size) in backbone_benchmark.SETTINGS.items():
+        if name not in backbones.names():
+            continue
+        for batch in backbone_benchmark.BATCHES:
+            row = {"backbone": name, "taps": "+".join(taps), "size": size, "batch": batch,
+                   "jaxad": backbone_benchmark.images_per_second(name, taps, size, batch),
+                   "jaxad_bf16": backbone_benchmark.images_per_second(name, taps, size, batch, jnp.bfloat16),
+                   "torch_eager": torch_reference.images_per_second(name, taps, size, batch)}
+            try:
+                row["torch_compile"] = "skipped" if args.no_compile else \
+                    torch_reference.images_per_second(name, taps, size, batch, compiled=True)
+            except Exception as e:  # noqa: BLE001  (torch.compile's failures are reported, not fatal)
+                row["torch_compile"] = f"failed: {type(e).__name__}"
+            row["jaxad_over_torch"] = row["jaxad"] / row["torch_eager"]
+            rows.append(row)
+            print(row, flush=True)
+        errors.append({"backbone": name, **{f"max_rel_err {t}": e for t, e in
+                                            backbone_benchmark.bfloat16_error(name, taps, size).items()}})
+    section = args.section or f"backbones-{jax.default_backend()}"
+    columns = ["backbone", "taps", "size", "batch", "jaxad", "jaxad_bf16", "torch_eager", "torch_compile", "jaxad_over_torch"]
+    body = "\n".join([
+        "## Feature extraction: jaxad (jit) against torchvision/timm, images per second", "",
+        f"Command: `{command}`  ", f"Machine: {benchmark.machine()}, torch threads = CPU cores", "",
+        report.markdown_table(rows, columns), "",
+        "Random weights; the forward stops at the deepest tap on both sides (torchvision's "
+        "create_feature_extractor, timm's features_only). bfloat16: compute in bf16, parameters and "
+        "outputs float32; its error on the tapped maps (max |bf16 − f32| / max |f32|):", "",
+        report.markdown_table(errors, sorted({k for e in errors for k in e}, key=lambda k: (k != "backbone", k))),
+    ])
     benchmark.write_section(args.out, section, body)
     print(f"wrote section {section!r} of {args.out}")
     return 0

@@ -166,3 +166,12 @@ def test_wrong_weight_file_is_one_line(category, tmp_path, capsys):
     code, _, err = run_script("fit.py", "--data", category, "--workdir", tmp_path / "w", f"--config.weights={bogus}",
                               *SMALL, capsys=capsys)
     _one_line_error(code, err, str(bogus))
+
+
+def test_bfloat16_backbone_compute_runs_and_a_bad_dtype_is_one_line(category, tmp_path, capsys):
+    args = ["--method", "crd", "--data", category, *SMALL]
+    code, _, err = run_script("fit.py", *args, "--workdir", tmp_path / "bf16", "--config.compute_dtype=bfloat16", capsys=capsys)
+    assert code == 0, err
+    assert 0.0 <= json.loads((tmp_path / "bf16" / "metrics.json").read_text())["image_auroc"] <= 1.0
+    code, _, err = run_script("fit.py", *args, "--workdir", tmp_path / "f16", "--config.compute_dtype=float16", capsys=capsys)
+    assert code == 2 and "compute_dtype=float16" in err and "Traceback" not in err

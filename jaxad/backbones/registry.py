@@ -211,6 +211,15 @@ def install_weights(name: str, source: str | os.PathLike | None = None) -> Path:
     return ported_path(name)
 
 
+def random_init(name: str, seed: int = 0, dtype: Any = jnp.float32) -> Backbone:
+    """``name`` with randomly initialised weights: for timing and for checks that need no real weights."""
+    entry = _entry(name)
+    module = entry.module(dtype=dtype)
+    images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    variables = jax.jit(partial(module.init, taps=tuple(entry.taps)))(jax.random.PRNGKey(seed), images)
+    return Backbone(name, module, entry.taps, variables)
+
+
 def load(name: str, weights: str | os.PathLike | None = None, dtype: Any = jnp.float32) -> Backbone:
     """The backbone ``name`` with ``weights`` (a .pth/.safetensors file; None: the default weights).
 

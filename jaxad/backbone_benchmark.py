@@ -1,0 +1,53 @@
+"""How fast a backbone extracts the feature maps a method taps, and what bfloat16 costs in accuracy.
+
+Timings use random weights (speed does not depend on their values), at the taps and input size of
+the method that uses each backbone, and the forward stops at the deepest tap just as in a fit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxad import backbones
+
+# backbone → (taps, input size) of the method that uses it
+SETTINGS: dict[str, tuple[tuple[str, ...], int]] = {
+    "efficientnet_lite0": (("stage2", "stage4"), 256),  # CRD / PatchCore default
+    "resnet18": (("layer1", "layer2", "layer3"), 256),  # PaDiM
+    "wide_resnet50_2": (("layer2", "layer3"), 256),  # CRD, PatchCore, SimpleNet
+    "wide_resnet101_2": (("layer2", "layer3"), 256),  # EfficientAD teacher target
+    "densenet201": (("features.denseblock1", "features.denseblock2"), 320),  # CPR
+    "efficientnet_b0": (("features.2", "features.3"), 320),  # CPR-Faster
+}
+BATCHES = (1, 16)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def images_per_second(name: str, taps: tuple[str, ...], size: int, batch: int, dtype: Any = jnp.float32,
+                      repeats: int = 10) -> float:
+    """Jitted extraction throughput of random-weight ``name`` on [batch, size, size, 3] images."""
+    bb = backbones.random_init(name, dtype=dtype)
+    images = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32))
+    return batch / _median_seconds(lambda: bb(images, taps), repeats)
+
+
+def bfloat16_error(name: str, taps: tuple[str, ...], size: int) -> dict[str, float]:
+    """Per tap: max |bf16 − f32| over max |f32| on the same random weights and images."""
+    full, half = backbones.random_init(name), backbones.random_init(name, dtype=jnp.bfloat16)
+    images = jnp.asarray(np.random.default_rng(1).random((2, size, size, 3), dtype=np.float32))
+    a, b = full(images, taps), half.apply(full.variables, images, taps)
+    return {t: float(jnp.max(jnp.abs(a[t] - b[t])) / jnp.max(jnp.abs(a[t]))) for t in taps}

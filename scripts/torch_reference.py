@@ -1,0 +1,48 @@
+"""The torchvision/timm side of ``bench.py --backbones``: the same backbone and taps, eager and compiled.
+
+Imported only by that benchmark; it needs the ``port`` extra (torch, torchvision, timm), which jaxad
+itself never does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def _extractor(name: str, taps: tuple[str, ...]):
+    import timm
+    import torch
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    if name.startswith("efficientnet_lite"):
+        # timm's stage outputs at strides 4/8/16/32 are jaxad's stage1/stage2/stage4/stage6
+        index = {"stage1": 1, "stage2": 2, "stage4": 3, "stage6": 4}
+        model = timm.create_model(f"tf_{name}", pretrained=False, features_only=True,
+                                  out_indices=tuple(index[t] for t in taps))
+    else:
+        model = create_feature_extractor(getattr(torchvision.models, name)(weights=None), {t: t for t in taps})
+    torch.set_num_threads(os.cpu_count() or 1)
+    return model.eval()
+
+
+def images_per_second(name: str, taps: tuple[str, ...], size: int, batch: int, compiled: bool = False,
+                      repeats: int = 10) -> float:
+    """Throughput of the torch model on [batch, 3, size, size] random images (median of ``repeats``)."""
+    import torch
+
+    model = _extractor(name, taps)
+    if compiled:
+        model = torch.compile(model)
+    x = torch.rand(batch, 3, size, size)
+    times = []
+    with torch.inference_mode():
+        model(x)
+        model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return batch / times[len(times) // 2]
