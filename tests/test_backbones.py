@@ -397,7 +397,7 @@ def test_unknown_tap_name_and_bad_images(lite0):
     with pytest.raises(ConfigError, match="stage2, stage3"):
         lite0(_images(1, 32), ("layer3",))
     with pytest.raises(ConfigError, match="efficientnet_lite0"):
-        backbones.load("wide_resnet50_2")
+        backbones.load("wide_resnet50_3")
     with pytest.raises(DataError, match=r"\[B, H, W, 3\]"):
         lite0(np.zeros((1, 32, 32), np.float32), "stage2")
 
