@@ -194,6 +194,11 @@ def _target(module: nn.Module, entry: Entry) -> Any:
     return jax.eval_shape(partial(module.init, taps=tuple(entry.taps)), jax.random.PRNGKey(0), images)
 
 
+def tap_info(name: str) -> dict[str, TapInfo]:
+    """``name``'s taps (stride, channels), in network order, without loading any weights."""
+    return dict(_entry(name).taps)
+
+
 def ported_path(name: str) -> Path:
     """Where ``port`` keeps the converted default weights of ``name``."""
     return cache_dir() / f"{name}-default-v{CACHE_FORMAT}.msgpack"
