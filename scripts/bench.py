@@ -104,6 +104,7 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
     import torch_reference  # the torch side lives beside this script: jaxad never imports torch
 
     rows, errors = [], []
+    device = "cpu" if jax.default_backend() == "cpu" else "cuda"
     for name, (taps, size) in backbone_benchmark.SETTINGS.items():
         if name not in backbones.names():
             continue
@@ -111,10 +112,10 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
             row = {"backbone": name, "taps": "+".join(taps), "size": size, "batch": batch,
                    "jaxad": backbone_benchmark.images_per_second(name, taps, size, batch),
                    "jaxad_bf16": backbone_benchmark.images_per_second(name, taps, size, batch, jnp.bfloat16),
-                   "torch_eager": torch_reference.images_per_second(name, taps, size, batch)}
+                   "torch_eager": torch_reference.images_per_second(name, taps, size, batch, device=device)}
             try:
                 row["torch_compile"] = "skipped" if args.no_compile else \
-                    torch_reference.images_per_second(name, taps, size, batch, compiled=True)
+                    torch_reference.images_per_second(name, taps, size, batch, compiled=True, device=device)
             except Exception as e:  # noqa: BLE001  (torch.compile's failures are reported, not fatal)
                 row["torch_compile"] = f"failed: {type(e).__name__}"
             row["jaxad_over_torch"] = row["jaxad"] / row["torch_eager"]

@@ -28,21 +28,27 @@ def _extractor(name: str, taps: tuple[str, ...]):
 
 
 def images_per_second(name: str, taps: tuple[str, ...], size: int, batch: int, compiled: bool = False,
-                      repeats: int = 10) -> float:
+                      repeats: int = 10, device: str = "cpu") -> float:
     """Throughput of the torch model on [batch, 3, size, size] random images (median of ``repeats``)."""
     import torch
 
-    model = _extractor(name, taps)
+    model = _extractor(name, taps).to(device)
     if compiled:
         model = torch.compile(model)
-    x = torch.rand(batch, 3, size, size)
+    x = torch.rand(batch, 3, size, size, device=device)
+
+    def call():
+        model(x)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
     times = []
     with torch.inference_mode():
-        model(x)
-        model(x)
+        call()
+        call()
         for _ in range(repeats):
             start = time.perf_counter()
-            model(x)
+            call()
             times.append(time.perf_counter() - start)
     times.sort()
     return batch / times[len(times) // 2]
