@@ -105,6 +105,7 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
 
     rows, errors = [], []
     device = "cpu" if jax.default_backend() == "cpu" else "cuda"
+    section = args.section or f"backbones-{jax.default_backend()}"
     for name, (taps, size) in backbone_benchmark.SETTINGS.items():
         if name not in backbones.names():
             continue
@@ -123,9 +124,15 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
             print(row, flush=True)
         errors.append({"backbone": name, **{f"max_rel_err {t}": e for t, e in
                                             backbone_benchmark.bfloat16_error(name, taps, size).items()}})
-    section = args.section or f"backbones-{jax.default_backend()}"
+        # rewritten after every backbone, so a run cut short still leaves what it measured
+        benchmark.write_section(args.out, section, _backbone_section(rows, errors, command))
+    print(f"wrote section {section!r} of {args.out}")
+    return 0
+
+
+def _backbone_section(rows: list[dict], errors: list[dict], command: str) -> str:
     columns = ["backbone", "taps", "size", "batch", "jaxad", "jaxad_bf16", "torch_eager", "torch_compile", "jaxad_over_torch"]
-    body = "\n".join([
+    return "\n".join([
         "## Feature extraction: jaxad (jit) against torchvision/timm, images per second", "",
         f"Command: `{command}`  ", f"Machine: {benchmark.machine()}, torch threads = CPU cores", "",
         report.markdown_table(rows, columns), "",
@@ -134,9 +141,6 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
         "outputs float32; its error on the tapped maps (max |bf16 − f32| / max |f32|):", "",
         report.markdown_table(errors, sorted({k for e in errors for k in e}, key=lambda k: (k != "backbone", k))),
     ])
-    benchmark.write_section(args.out, section, body)
-    print(f"wrote section {section!r} of {args.out}")
-    return 0
 
 
 def coreset(args: argparse.Namespace, command: str) -> int:
