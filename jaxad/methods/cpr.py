@@ -1,0 +1,241 @@
+"""CPR (cascade patch retrieval): global retrieval of similar training images, then a windowed
+local search in them with a learned metric, gated by a foreground estimate.
+
+Fit: raw backbone features of the training images → k-means visual words and block histograms
+(global branch), foreground discriminant on 2-means pseudo-labels (objects), local branches trained
+on synthetic anomalies (or raw features when ``use_lrb`` is off), and the reference bank of every
+training image's unit-length descriptors. Predict (one jitted function): histograms of the query →
+robust KL to every training image → top-K references → windowed cosine search per scale → scales
+summed → × foreground → Gaussian blur → image score = sum of the top T pixels.
+
+State: ``centres`` [k, C₀], ``histograms`` [N, S², k], ``fingerprints`` [N, C₀] (mean raw
+features, to recognise a training image used as query), ``bank`` {scale_i: [N, h_i, w_i, D]},
+with ``use_lrb`` the branches' ``params``/``batch_stats`` and ``validation``, with ``use_feb``
+``foreground`` {w, b, lo, hi} and ``foreground_maps`` [N, h₀, w₀].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxad import postprocess, training
+from jaxad.backbones import Backbone
+from jaxad.cpr import anomalies, foreground, local, retrieval
+from jaxad.cpr import train as lrb_training
+from jaxad.data import Batch, read_image, resize_image
+from jaxad.data.images import IMAGE_EXTENSIONS
+from jaxad.errors import ConfigError, DataError, NumericsError
+
+FOREGROUND_CLASSIFIERS = ("lda", "logistic")
+SELECT = ("best", "last")
+
+
+# ---------------------------------------------------------------- checks and helpers
+
+
+def _check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
+    unknown = [t for t in config.taps if t not in backbone.taps]
+    if unknown:
+        raise ConfigError(f"--config.taps: {unknown} are not taps of {backbone.name}; valid: {', '.join(backbone.taps)}")
+    if len(config.taps) != len(config.windows):
+        raise ConfigError(f"--config.windows={config.windows}: one window size per tap of {config.taps}")
+    if any(r < 1 or r % 2 == 0 for r in config.windows):
+        raise ConfigError(f"--config.windows={config.windows}: window sizes must be odd and positive")
+    if config.foreground_classifier not in FOREGROUND_CLASSIFIERS:
+        raise ConfigError(f"--config.foreground_classifier={config.foreground_classifier}: choose one of "
+                          f"{', '.join(FOREGROUND_CLASSIFIERS)}")
+    if config.select not in SELECT:
+        raise ConfigError(f"--config.select={config.select}: choose one of {', '.join(SELECT)}")
+    if config.drop_blocks >= config.blocks ** 2:
+        raise ConfigError(f"--config.drop_blocks={config.drop_blocks}: must be below blocks² = {config.blocks ** 2}")
+    if config.use_lrb and not isinstance(config.image_size, int):
+        raise ConfigError(f"--config.image_size={config.image_size}: training the local branch needs square images "
+                          "(one int); or set use_lrb=false")
+    if config.use_lrb and (config.train_steps < 1 or config.validate_every < 1):
+        raise ConfigError(f"--config.train_steps={config.train_steps} / validate_every={config.validate_every}: "
+                          "both must be at least 1 when use_lrb is on")
+
+
+def _scales(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return lrb_training.scale_taps(config)
+
+
+def load_textures(folder: str, size: int, limit: int) -> np.ndarray:
+    """Up to ``limit`` images of ``folder`` (sorted, recursive) resized to size×size → [T, S, S, 3]."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"--config.texture_dir={folder}: not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())[:limit]
+    if not files:
+        raise ConfigError(f"--config.texture_dir={folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return np.stack([resize_image(read_image(p), (size, size)) for p in files])
+
+
+def extract(config: ml_collections.ConfigDict, backbone: Backbone, images: np.ndarray) -> list[np.ndarray]:
+    """Raw backbone maps of every image, one [N, h, w, C] array per tap of ``config.taps``."""
+    run = jax.jit(lambda v, x: [m.astype(jnp.float32) for m in backbone.apply(v, x, tuple(config.taps)).values()])
+    out = [run(backbone.variables, images[i:i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
+    maps = [np.concatenate([np.asarray(o[t]) for o in out]) for t in range(len(config.taps))]
+    if not all(np.isfinite(m).all() for m in maps):
+        raise NumericsError("non-finite features from the backbone on the training images; check them")
+    return maps
+
+
+def sample_pixels(features: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` random pixel vectors (without replacement when possible) of features [N, h, w, C]."""
+    flat = features.reshape(-1, features.shape[-1])
+    rng = np.random.default_rng(seed)
+    return flat[rng.choice(len(flat), min(count, len(flat)), replace=False)]
+
+
+def neighbour_table(distances: np.ndarray, candidates: np.ndarray, k: int, exclude_self: bool) -> np.ndarray:
+    """For every row of distances [M, N], the k nearest columns among ``candidates`` (indices),
+    the row's own index left out when ``exclude_self`` (rows are then images 0..M−1)."""
+    allowed = np.zeros(distances.shape, bool)
+    allowed[:, candidates] = True
+    if exclude_self and len(candidates) > 1:
+        allowed[np.arange(len(distances)), np.arange(len(distances))] = False
+    k = max(1, min(k, int(allowed.sum(1).min())))
+    return np.asarray(retrieval.top_k(jnp.asarray(distances), k, jnp.asarray(~allowed)))
+
+
+# ---------------------------------------------------------------- fit
+
+
+def _fit_foreground(config: ml_collections.ConfigDict, first: np.ndarray) -> tuple[foreground.Linear, np.ndarray]:
+    """2-means pseudo-labels on raw stride-4 features, linear classifier, robust min-max →
+    (model, foreground maps [N, h, w])."""
+    key = jax.random.key(config.seed + 2)
+    centres = retrieval.kmeans(jnp.asarray(sample_pixels(first, config.kmeans_samples, config.seed + 2)), 2, key)
+    words = np.asarray(jax.jit(retrieval.assign)(jnp.asarray(first), centres))
+    pos_mask, neg_mask = foreground.pseudo_labels(words)
+    rng = np.random.default_rng(config.seed + 3)
+    pos, neg = first[pos_mask], first[neg_mask]
+    if len(pos) < 2 or len(neg) < 2:
+        raise DataError("foreground pseudo-labels found no object/background split; set --config.use_feb=false "
+                        "(texture categories)")
+    pos = pos[rng.choice(len(pos), min(len(pos), config.foreground_samples), replace=False)]
+    neg = neg[rng.choice(len(neg), min(len(neg), config.foreground_samples), replace=False)]
+    if config.foreground_classifier == "lda":
+        w, b = foreground.fit_lda(jnp.asarray(pos), jnp.asarray(neg))
+    else:
+        w, b = foreground.fit_logistic(jnp.asarray(pos), jnp.asarray(neg), config.foreground_steps, 1e-2, key)
+    values = foreground.decision(jnp.asarray(first), w, b)
+    model = foreground.calibrate(values.reshape(-1), w, b)
+    return model, np.asarray(foreground.foreground(jnp.asarray(first), model))
+
+
+def _bank(config: ml_collections.ConfigDict, raw: list[np.ndarray], params: dict | None, stats: dict | None) -> dict:
+    """Unit-length reference descriptors of every training image, per scale."""
+    if params is None:
+        run = jax.jit(lambda maps: [local.normalise(m) for m in maps])
+    else:
+        run = jax.jit(lambda maps: lrb_training.describe(config, params, stats, maps))
+    n, size = len(raw[0]), config.batch_size
+    chunks = [run([jnp.asarray(m[i:i + size]) for m in raw]) for i in range(0, n, size)]
+    return {f"scale{s}": jnp.concatenate([c[s] for c in chunks]) for s in range(len(raw))}
+
+
+def fit(
+    config: ml_collections.ConfigDict,
+    batches: Iterable[Batch],
+    backbone: Backbone,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Global codebook and histograms, foreground model, trained local branches, reference bank."""
+    _check(config, backbone)
+    images = training.collect_images(batches, progress)
+    n = len(images)
+    raw = extract(config, backbone, images)
+    first = raw[0]
+    centres = retrieval.kmeans(jnp.asarray(sample_pixels(first, config.kmeans_samples, config.seed)), config.clusters,
+                               jax.random.key(config.seed), config.kmeans_restarts)
+    hists = jax.jit(retrieval.histograms, static_argnums=2)(jnp.asarray(first), centres, config.blocks)
+    state: dict = {"centres": centres, "histograms": hists, "fingerprints": jnp.asarray(first.mean((1, 2)))}
+
+    fg_maps = np.ones(first.shape[:3], np.float32)
+    if config.use_feb:
+        model, fg_maps = _fit_foreground(config, first)
+        state["foreground"] = model._asdict()
+        state["foreground_maps"] = jnp.asarray(fg_maps)
+
+    scales = [raw[config.taps.index(t)] for t in _scales(config)]
+    params = stats = None
+    if config.use_lrb:
+        train_ids, val_ids = training.hold_out(n, config.val_fraction, config.seed)
+        distances = np.asarray(retrieval.robust_kl(hists, hists, config.drop_blocks))
+        if not config.use_grb:  # no global ranking: every other training image is a candidate reference
+            distances = np.zeros_like(distances)
+        neighbours = neighbour_table(distances, train_ids, config.top_k, exclude_self=True)
+        data = {"images": jnp.asarray(images), "neighbours": jnp.asarray(neighbours, jnp.int32),
+                "foreground": postprocess.anomaly_maps(jnp.asarray(fg_maps), images.shape[1:3], 0.0),
+                "backbone": backbone.variables}
+        if config.texture_dir:
+            data["textures"] = jnp.asarray(load_textures(config.texture_dir, images.shape[1], config.max_textures))
+        else:
+            data["textures"] = anomalies.texture_bank(jax.random.key(config.seed + 4), config.procedural_textures,
+                                                      images.shape[1])
+        val = None
+        if len(val_ids):
+            val_neighbours = neighbour_table(distances[val_ids], train_ids, config.val_refs, exclude_self=False)
+            val = lrb_training.validation_set(config, backbone, data, val_ids, val_neighbours)
+        workdir = Path(config.workdir) if "workdir" in config else None
+        params, stats, summary = lrb_training.run(config, backbone, data, [m.shape[-1] for m in scales],
+                                                  train_ids, val, workdir)
+        state.update(params=params, batch_stats=stats,
+                     validation={k: np.float32(v) for k, v in summary.items()})
+    state["bank"] = _bank(config, scales, params, stats)
+    return state
+
+
+# ---------------------------------------------------------------- predict
+
+
+def retrieve(config: ml_collections.ConfigDict, state: dict, first: jax.Array) -> jax.Array:
+    """Indices [B, K] of the training images whose block histograms are closest (robust KL) to
+    the queries' (raw stride-4 features [B, h, w, C]); a training image never retrieves itself."""
+    n = state["histograms"].shape[0]
+    if not config.use_grb:
+        return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (first.shape[0], n))
+    hists = retrieval.histograms(first, state["centres"], config.blocks)
+    distances = retrieval.robust_kl(hists, state["histograms"], config.drop_blocks)
+    exclude = retrieval.same_image(first.mean((1, 2)), state["fingerprints"]) if config.exclude_self else None
+    k = max(1, min(config.top_k, n - 1 if config.exclude_self else n))
+    return retrieval.top_k(distances, k, exclude)
+
+
+def fused_foreground(state: dict, first: jax.Array, neighbours: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """F* [B, H, W]: elementwise max of the query's and its references' foreground maps (upsampled)."""
+    model = foreground.Linear(**state["foreground"])
+    maps = jnp.concatenate([foreground.foreground(first, model)[:, None], state["foreground_maps"][neighbours]], 1)
+    B, M = maps.shape[:2]
+    up = postprocess.anomaly_maps(maps.reshape(B * M, *maps.shape[2:]), size, 0.0)
+    return jnp.max(up.reshape(B, M, *size), axis=1)
+
+
+def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); jit with config/backbone bound."""
+    size = images.shape[1:3]
+    maps = backbone.apply(state["backbone"], images, tuple(config.taps))
+    first = maps[config.taps[0]].astype(jnp.float32)
+    neighbours = retrieve(config, state, first)
+    raw = [maps[t].astype(jnp.float32) for t in _scales(config)]
+    if config.use_lrb:
+        query = lrb_training.describe(config, state["params"], state["batch_stats"], raw)
+    else:
+        query = [local.normalise(m) for m in raw]
+    bank = [state["bank"][f"scale{i}"] for i in range(len(raw))]
+    scores = lrb_training.local_scores(config, query, bank, neighbours)
+    pixel = postprocess.anomaly_maps(scores, size, 0.0)
+    if config.use_feb:
+        pixel = pixel * fused_foreground(state, first, neighbours, size)
+    pixel = postprocess.gaussian_blur(pixel, config.blur_sigma)
+    top = jax.lax.top_k(pixel.reshape(pixel.shape[0], -1), min(config.top_pixels, size[0] * size[1]))[0]
+    return jnp.sum(top, -1), pixel
