@@ -6,14 +6,12 @@ the method that uses each backbone, and the forward stops at the deepest tap jus
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxad import backbones
+from jaxad import backbones, timing
 
 # backbone → (taps, input size) of the method that uses it
 SETTINGS: dict[str, tuple[tuple[str, ...], int]] = {
@@ -27,22 +25,12 @@ SETTINGS: dict[str, tuple[tuple[str, ...], int]] = {
 BATCHES = (1, 16)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def images_per_second(name: str, taps: tuple[str, ...], size: int, batch: int, dtype: Any = jnp.float32,
                       repeats: int = 10) -> float:
     """Jitted extraction throughput of random-weight ``name`` on [batch, size, size, 3] images."""
     bb = backbones.random_init(name, dtype=dtype)
     images = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32))
-    return batch / _median_seconds(lambda: bb(images, taps), repeats)
+    return batch / timing.median_seconds(lambda: bb(images, taps), repeats)
 
 
 def bfloat16_error(name: str, taps: tuple[str, ...], size: int) -> dict[str, float]:

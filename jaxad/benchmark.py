@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxad import checkpoint, pipeline, report
+from jaxad import checkpoint, pipeline, report, timing
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.data import iterate_batches, open_dataset
 from jaxad.errors import ConfigError
@@ -45,17 +45,6 @@ def state_bytes(workdir: Path) -> int:
     return sum(p.stat().st_size for p in (workdir / "state").rglob("*") if p.is_file())
 
 
-def _median_seconds(fn, images: np.ndarray, repeats: int) -> float:
-    jax.block_until_ready(fn(images))  # compile
-    jax.block_until_ready(fn(images))  # warm caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(images))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def speed(config: ml_collections.ConfigDict, predictor, data: Path) -> dict[str, float]:
     """Predict latency at batch 1 (median of 20 after warm-up) and images/s at batch 16.
 
@@ -67,8 +56,8 @@ def speed(config: ml_collections.ConfigDict, predictor, data: Path) -> dict[str,
     batch = next(iterate_batches(samples, pipeline.image_size(config), THROUGHPUT_BATCH))
     images = np.asarray(batch.images)
     images = images[np.arange(THROUGHPUT_BATCH) % max(int(np.sum(batch.valid)), 1)]  # fill a padded batch
-    one = _median_seconds(predictor, images[:1], LATENCY_REPEATS)
-    many = _median_seconds(predictor, images, max(3, LATENCY_REPEATS // 4))
+    one = timing.median_seconds(lambda: predictor(images[:1]), LATENCY_REPEATS)
+    many = timing.median_seconds(lambda: predictor(images), max(3, LATENCY_REPEATS // 4))
     return {"latency_ms_b1": 1e3 * one, "images_per_s_b16": THROUGHPUT_BATCH / many}
 
 

@@ -10,34 +10,24 @@ starts to win.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxad import sampling
+from jaxad import sampling, timing
 from jaxad.distances import crd, knn
 
 QUERIES = 10_000
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def matmul_peak(size: int = 2048) -> float:
     """Achieved float32 GFLOP/s of a square matmul: the ceiling both distances are measured against."""
     a = jnp.asarray(np.random.default_rng(0).random((size, size), dtype=np.float32))
     f = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))
-    return 2 * size**3 / _median_seconds(lambda: f(a), 5) / 1e9
+    return 2 * size**3 / timing.median_seconds(lambda: f(a), 5) / 1e9
 
 
 def measure(d: int, n: int, flop_budget: float = 2e11, chunk_size: int = 10_000) -> dict[str, float]:
@@ -51,13 +41,13 @@ def measure(d: int, n: int, flop_budget: float = 2e11, chunk_size: int = 10_000)
     M = crd.matrix(np.asarray(crd.gram(bank[: min(n, 100_000)])), 5.0)
     q_all = jnp.asarray(rng.standard_normal((QUERIES, d), dtype=np.float32))
     score = jax.jit(crd.score)
-    t_crd = _median_seconds(lambda: score(M, q_all), 5)
+    t_crd = timing.median_seconds(lambda: score(M, q_all), 5)
     row = {"d": d, "n": n, "crd_s": t_crd, "crd_gflops": 2 * QUERIES * d * d / t_crd / 1e9, "crd_bytes": d * d * 4}
     search = jax.jit(lambda q, b: knn.nearest(q, b, k=1, chunk_size=chunk_size)[0])
     for name, size in (("nn", n), ("coreset_nn", max(1, n // 100))):
         q = int(np.clip(flop_budget // (2 * size * d), 100, QUERIES))
         sub = knn.make_bank(bank if size == n else bank[:size])
-        seconds = _median_seconds(lambda: search(q_all[:q], sub), 3) * QUERIES / q
+        seconds = timing.median_seconds(lambda: search(q_all[:q], sub), 3) * QUERIES / q
         row |= {f"{name}_s": seconds, f"{name}_gflops": 2 * QUERIES * size * d / seconds / 1e9,
                 f"{name}_bytes": size * d * 4, f"{name}_queries_timed": q}
     row["speedup_vs_nn"] = row["nn_s"] / t_crd

@@ -1,0 +1,23 @@
+"""Wall-clock timing of jitted work, the one way every benchmark in jaxad measures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (the first
+    compiles); results are waited for, so asynchronous dispatch is not mistaken for speed."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
