@@ -108,6 +108,7 @@ class EfficientNet(nn.Module):
 
 
 def tap_info(width: float, depth: float) -> dict[str, TapInfo]:
+    """Tap name → (stride, channels), in network order; the head has 4× the last stage's channels."""
     taps, stride = {"features.0": TapInfo(2, round_channels(STEM * width))}, 2
     for stage, (_, _, s, channels, _) in enumerate(plan(width, depth), start=1):
         stride *= s
@@ -117,22 +118,25 @@ def tap_info(width: float, depth: float) -> dict[str, TapInfo]:
 
 
 def key_map(width: float, depth: float) -> dict[str, Layer]:
-    """torchvision state-dict prefixes → Flax module paths."""
-    layers = {"features.0.0": Layer("conv", ("stem_conv",)), "features.0.1": Layer("bn", ("stem_bn",))}
+    """torchvision state-dict prefixes → Flax module paths (classifier left out).
+
+    A block is ``features.S.I.block.J``: J counts expand (absent at expand ratio 1), depthwise,
+    squeeze-excite (``fc1``/``fc2``, 1×1 convs with bias) and projection, each conv at ``.0``, BN at ``.1``.
+    """
+    layers = {"features.0.0": Layer("conv", ("stem_conv",)), "features.0.1": Layer("bn", ("stem_bn",)),
+              "features.8.0": Layer("conv", ("head_conv",)), "features.8.1": Layer("bn", ("head_bn",))}
     for stage, (expand, _, _, _, blocks) in enumerate(plan(width, depth), start=1):
+        parts = ("expand", "dw", "se", "project") if expand != 1 else ("dw", "se", "project")
         for i in range(blocks):
-            torch_block, block = f"features.{stage}.{i}.block", f"stage{stage}_{i}"
-            parts = ([("expand_conv", "expand_bn")] if expand != 1 else []) + [("dw_conv", "dw_bn"), "se",
-                                                                                ("project_conv", "project_bn")]
+            block = f"stage{stage}_{i}"
             for j, part in enumerate(parts):
+                prefix = f"features.{stage}.{i}.block.{j}"
                 if part == "se":
-                    layers[f"{torch_block}.{j}.fc1"] = Layer("conv", (block, "se_reduce"))
-                    layers[f"{torch_block}.{j}.fc2"] = Layer("conv", (block, "se_expand"))
+                    layers[f"{prefix}.fc1"] = Layer("conv", (block, "se_reduce"))
+                    layers[f"{prefix}.fc2"] = Layer("conv", (block, "se_expand"))
                 else:
-                    layers[f"{torch_block}.{j}.0"] = Layer("conv", (block, part[0]))
-                    layers[f"{torch_block}.{j}.1"] = Layer("bn", (block, part[1]))
-    layers["features.8.0"] = Layer("conv", ("head_conv",))
-    layers["features.8.1"] = Layer("bn", ("head_bn",))
+                    layers[f"{prefix}.0"] = Layer("conv", (block, f"{part}_conv"))
+                    layers[f"{prefix}.1"] = Layer("bn", (block, f"{part}_bn"))
     return layers
 
 
@@ -155,10 +159,12 @@ def timm_key_map(width: float, depth: float) -> dict[str, Layer]:
 
 
 def ignored(key: str) -> bool:
+    """State-dict entries with no place in the feature extractor (both namings call the classifier so)."""
     return key.endswith("num_batches_tracked") or key.startswith("classifier.")
 
 
 def _convert(state: Mapping[str, np.ndarray], target: Mapping, source: str, *, width: float, depth: float) -> dict:
+    """One converter for both namings: timm's files are recognised by their ``conv_stem``."""
     layers = timm_key_map(width, depth) if "conv_stem.weight" in state else key_map(width, depth)
     return port.convert(state, target, source, layers=layers, ignore=ignored)
 
