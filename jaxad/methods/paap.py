@@ -1,0 +1,281 @@
+"""Feature-matching groups + patch-adaptive average pooling (Dini & Rahtu): training-free.
+
+Fit ("pre-testing phase"): match every pair of training images (``jaxad.matching``), group them
+greedily by match count, and model each group's adapted features by one Gaussian per location.
+Predict: match the test image to every group's lead image, take the best-matching group and score
+each location by the Mahalanobis distance to that group's Gaussian; image score = max of the map.
+
+Adapted features: the last-stage backbone map → patch-adaptive average pooling (below) →
+Gaussian smoothing σ = ``feature_sigma`` of every adapted channel over the grid (the paper's
+"Gaussian filter σ = 2 smooths the adapted feature maps").
+
+Patch-adaptive average pooling (eq. 2): the p×p neighbourhood of a location (zero padded at the
+border) is flattened channel-major, (c, dy, dx) as torch's ``Unfold``, into one vector of p²·C
+values, and that vector is adaptive-average-pooled (torch's ``adaptive_avg_pool1d`` bins) to C'
+values. When C is a multiple of C' this equals a p×p mean followed by averaging groups of C/C'
+channels; otherwise bins straddle channel boundaries, and when C' > C a bin covers only part of a
+channel's p×p window, so the output keeps some of the window's spatial layout. Rule for C':
+``min(num_channels, p²·C)`` (more bins than values would only repeat values).
+
+Per-group Gaussians: with ~25 images and 700 dimensions the sample covariance S is singular, so it
+is shrunk: Ledoit-Wolf Σ = (1−ρ)S + ρ·(tr S/d)·I (ρ from the data, sklearn's estimator) or
+``ridge`` Σ = S_unbiased + εI. Both are a·XcᵀXc + b·I for the group's centred features Xc [n, d],
+so Σ⁻¹ follows from Woodbury with one n×n Cholesky factor per location,
+    (x−μ)ᵀΣ⁻¹(x−μ) = (‖v‖² − ‖L⁻¹X̃v‖²) / b,   v = x − μ, X̃ = √a·Xc, LLᵀ = bI + X̃X̃ᵀ,
+computed in float64 on the host at fit time. The state grows with N·d per location instead of
+groups·d², and no inverse is ever formed.
+
+State (``L`` grid locations, ``G`` groups, ``m`` images in the largest group, ``N`` training images):
+    'rows'    [N+1, L, d]  √a·(x − μ_group) of every training image, plus one zero row for padding
+    'members' [G, m]       row indices of each group's images, padded with N
+    'mean'    [G, L, d]    per-group, per-location mean
+    'chol'    [G, L, m, m] lower Cholesky factor of bI + X̃X̃ᵀ (identity on padding)
+    'iso'     [G, L]       b, the isotropic part of Σ
+    'group_id' [N], 'leads' [G] (training-image index of each lead), 'threshold' (match count used),
+    'lead_desc' [G, P, D] (dense_mnn: the leads' unit-norm patch descriptors) or
+    'lead_images' [G, H, W] uint8 (sift/orb: the leads' grey images, matched by OpenCV).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.scipy.linalg import solve_triangular
+
+from jaxad import features, matching, postprocess
+from jaxad.backbones import Backbone
+from jaxad.data import Batch
+from jaxad.errors import ConfigError, NumericsError
+
+SHRINKAGE = ("ledoit_wolf", "ridge")
+GROUPING = ("size", "threshold")
+
+
+# --- patch-adaptive average pooling -------------------------------------------------------------
+
+
+def pooling_bins(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch ``adaptive_avg_pool1d`` of a length-``length`` vector as (indices, weights) [out, k].
+
+    Bin i averages [⌊i·length/out⌋, ⌈(i+1)·length/out⌉); short bins are padded with weight 0.
+    """
+    start = (np.arange(out) * length) // out
+    end = -((-(np.arange(out) + 1) * length) // out)
+    k = int(np.max(end - start))
+    idx = start[:, None] + np.arange(k)[None, :]
+    inside = idx < end[:, None]
+    weight = inside / (end - start)[:, None]
+    return np.where(inside, idx, 0).astype(np.int32), weight.astype(np.float32)
+
+
+def out_channels(channels: int, patch_size: int, num_channels: int) -> int:
+    """C' = min(num_channels, p²·C): never more bins than pooled values."""
+    return min(num_channels, patch_size * patch_size * channels)
+
+
+def patch_adaptive_pool(x: jax.Array, patch_size: int, out: int) -> jax.Array:
+    """[B, h, w, C] → [B, h, w, out]: each zero-padded p×p neighbourhood flattened (c, dy, dx), then pooled."""
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (patch_size, patch_size), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )  # [B, h, w, C·p·p], channel-major like torch Unfold
+    idx, weight = pooling_bins(patches.shape[-1], out)
+    return jnp.einsum("bhwok,ok->bhwo", patches[..., idx], jnp.asarray(weight), precision=jax.lax.Precision.HIGHEST)
+
+
+def smooth(x: jax.Array, sigma: float) -> jax.Array:
+    """Gaussian blur of every channel of [B, h, w, C] over the grid (reflect padding); σ ≤ 0: identity."""
+    if sigma <= 0:
+        return x
+    rows = jnp.asarray(postprocess.blur_matrix(x.shape[1], sigma), x.dtype)
+    cols = jnp.asarray(postprocess.blur_matrix(x.shape[2], sigma), x.dtype)
+    return jnp.einsum("Hh,bhwc,Ww->bHWc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+# --- features -----------------------------------------------------------------------------------
+
+
+def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
+    """One-line ConfigErrors for every setting fit would otherwise trip over later."""
+    taps = [*config.taps, config.match_tap] if config.matcher == matching.DENSE else list(config.taps)
+    unknown = [t for t in taps if t not in backbone.taps]
+    if unknown or not config.taps:
+        raise ConfigError(f"--config.taps / match_tap: {unknown or 'none given'} are not taps of {backbone.name}; "
+                          f"valid: {', '.join(backbone.taps)}")
+    matching.check_matcher(config.matcher)
+    if config.shrinkage not in SHRINKAGE:
+        raise ConfigError(f"--config.shrinkage={config.shrinkage}: choose one of {', '.join(SHRINKAGE)}")
+    if config.grouping not in GROUPING:
+        raise ConfigError(f"--config.grouping={config.grouping}: choose one of {', '.join(GROUPING)}")
+    if config.group_size < 1 or config.min_group_size < 1:
+        raise ConfigError(f"--config.group_size={config.group_size} and --config.min_group_size={config.min_group_size} "
+                          "must be ≥ 1")
+    if config.patch_size < 1 or config.patch_size % 2 == 0 or config.num_channels < 1:
+        raise ConfigError(f"--config.patch_size={config.patch_size} must be odd and ≥ 1, "
+                          f"--config.num_channels={config.num_channels} ≥ 1")
+
+
+def embed(config: ml_collections.ConfigDict, backbone: Backbone, variables, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Images → (adapted features [B, h, w, C'], unit-norm match descriptors [B, P, D] or None).
+
+    Several ``taps`` are resized (bilinear) to the first tap's grid and concatenated before pooling.
+    The descriptors (``match_tap`` patches) exist only for the dense matcher.
+    """
+    dense = config.matcher == matching.DENSE
+    taps = tuple(dict.fromkeys([*config.taps, config.match_tap] if dense else config.taps))
+    maps = backbone.apply(variables, images, taps)
+    grid = maps[config.taps[0]].shape[1:3]
+    f = jnp.concatenate([features.resize_bilinear(maps[t], grid) for t in config.taps], axis=-1)
+    out = out_channels(f.shape[-1], config.patch_size, config.num_channels)
+    f = smooth(patch_adaptive_pool(f, config.patch_size, out), config.feature_sigma)
+    if not dense:
+        return f, None
+    m = maps[config.match_tap]
+    return f, matching.normalise(m.reshape(m.shape[0], -1, m.shape[-1]))
+
+
+# --- per-group Gaussians ------------------------------------------------------------------------
+
+
+def shrinkage(xc: np.ndarray, mode: str, ridge: float, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """(a [L], b [L]) with Σ = a·XcᵀXc + b·I per location, for centred float64 features xc [n, L, d].
+
+    ``ledoit_wolf``: Σ = (1−ρ)S + ρμI, S = XcᵀXc/n, μ = tr S/d, ρ = min(β, δ)/δ with
+    δ = ‖S − μI‖²_F/d and β = (Σₖ‖xₖ‖⁴/n − ‖S‖²_F)/(n·d); every term comes from the n×n Gram
+    matrix, never from a d×d one. b is kept ≥ ``floor`` so a degenerate group stays solvable.
+    ``ridge``: Σ = XcᵀXc/(n−1) + ridge·I.
+    """
+    n, _, d = xc.shape
+    if mode == "ridge":
+        return np.full(xc.shape[1], 1.0 / max(n - 1, 1)), np.full(xc.shape[1], ridge)
+    gram = np.einsum("nld,mld->lnm", xc, xc)
+    mu = np.trace(gram, axis1=1, axis2=2) / (n * d)
+    fro2 = np.sum(gram * gram, axis=(1, 2)) / n**2
+    fourth = np.sum(np.sum(xc * xc, axis=2) ** 2, axis=0)
+    delta = (fro2 - d * mu * mu) / d
+    beta = np.minimum((fourth / n - fro2) / (n * d), delta)
+    rho = np.where(delta > 0, beta / np.where(delta > 0, delta, 1.0), 0.0)
+    return (1.0 - rho) / n, np.maximum(rho * mu, floor)
+
+
+def group_gaussians(feats: np.ndarray, group_id: np.ndarray, mode: str, ridge: float) -> dict[str, np.ndarray]:
+    """Per-group, per-location mean and Woodbury factors of the shrunk covariance (float64 inside).
+
+    feats [N, L, d] adapted features of the training images, group_id [N] → the state arrays
+    'rows', 'members', 'mean', 'chol', 'iso' described in the module docstring.
+    """
+    n_img, n_loc, d = feats.shape
+    sizes = np.bincount(group_id)
+    groups, m = len(sizes), int(sizes.max())
+    floor = 1e-6 * float(np.mean(np.var(feats, axis=0, dtype=np.float64))) + 1e-30
+    members = np.full((groups, m), n_img, np.int32)
+    rows = np.zeros((n_img + 1, n_loc, d), np.float32)
+    mean = np.zeros((groups, n_loc, d), np.float32)
+    chol = np.broadcast_to(np.eye(m, dtype=np.float32), (groups, n_loc, m, m)).copy()
+    iso = np.zeros((groups, n_loc), np.float32)
+    for g in range(groups):  # fit time, once per group; every location at once
+        idx = np.flatnonzero(group_id == g)
+        x = feats[idx].astype(np.float64)
+        mu = x.mean(axis=0)
+        xc = x - mu
+        a, b = shrinkage(xc, mode, ridge, floor)
+        scaled = xc * np.sqrt(a)[None, :, None]
+        capacitance = np.einsum("nld,mld->lnm", scaled, scaled) + b[:, None, None] * np.eye(len(idx))
+        members[g, : len(idx)] = idx
+        rows[idx] = scaled
+        mean[g], iso[g] = mu, b
+        chol[g, :, : len(idx), : len(idx)] = np.linalg.cholesky(capacitance)
+    return {"rows": rows, "members": members, "mean": mean, "chol": chol, "iso": iso}
+
+
+def mahalanobis(f: jax.Array, group: jax.Array, state: dict) -> jax.Array:
+    """Distance of features f [B, L, d] to the Gaussians of their groups [B] at every location → [B, L]."""
+    v = f - state["mean"][group]  # [B, L, d]
+    rows = state["rows"][state["members"][group]]  # [B, m, L, d]
+    proj = jnp.einsum("bld,bmld->blm", v, rows, precision=jax.lax.Precision.HIGHEST)
+    z = solve_triangular(state["chol"][group], proj[..., None], lower=True)[..., 0]  # [B, L, m]
+    d2 = (jnp.sum(v * v, axis=-1) - jnp.sum(z * z, axis=-1)) / state["iso"][group]
+    return jnp.sqrt(jnp.maximum(d2, 0.0))
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+
+def match_counts(config: ml_collections.ConfigDict, descriptors: np.ndarray | None, grey: np.ndarray | None) -> np.ndarray:
+    """[N, N] match counts between all training images with ``config.matcher``."""
+    if config.matcher == matching.DENSE:
+        return matching.pairwise_dense_counts(descriptors, config.match_min_similarity, config.match_ratio, config.match_chunk)
+    return matching.pairwise_keypoint_counts(grey, config.matcher, config.match_ratio, config.match_ransac)
+
+
+def fit(
+    config: ml_collections.ConfigDict,
+    batches: Iterable[Batch],
+    backbone: Backbone,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Extract, match all pairs, group, and fit one Gaussian per group and location. No training."""
+    check(config, backbone)
+    dense = config.matcher == matching.DENSE
+    extract = jax.jit(lambda v, x: embed(config, backbone, v, x))
+    grey_fn = jax.jit(matching.grey_uint8)
+    feats, descs, greys = [], [], []
+    for batch in batches:
+        valid = np.asarray(batch.valid)
+        f, m = extract(backbone.variables, batch.images)
+        f = np.asarray(f)[valid]
+        if not np.isfinite(f).all():
+            bad = ", ".join(str(p) for p, v in zip(batch.paths, batch.valid) if v)
+            raise NumericsError(f"non-finite features from the backbone on one of: {bad}; check these images")
+        feats.append(f.reshape(len(f), -1, f.shape[-1]))
+        if dense:
+            descs.append(np.asarray(m)[valid])
+        else:
+            greys.append(np.asarray(grey_fn(batch.images))[valid])
+        if progress is not None:
+            progress(int(valid.sum()))
+    if not feats:
+        raise NumericsError("no training batch was seen; the training set is empty")
+    descs = np.concatenate(descs) if dense else None
+    greys = None if dense else np.concatenate(greys)
+    counts = match_counts(config, descs, greys)
+    if config.grouping == "threshold":
+        threshold = float(config.group_threshold)
+    else:
+        threshold = matching.threshold_for_size(counts, config.group_size, config.min_group_size)
+    group_id, leads = matching.group(counts, threshold, config.min_group_size)
+    state = group_gaussians(np.concatenate(feats), group_id, config.shrinkage, config.ridge)
+    if not all(np.isfinite(v).all() for v in state.values()):
+        raise NumericsError(f"group covariance not positive definite; use --config.shrinkage=ridge with a larger "
+                            f"--config.ridge (now {config.ridge})")
+    state.update(group_id=group_id, leads=leads, threshold=np.float64(threshold))
+    if dense:
+        state["lead_desc"] = descs[leads]
+    else:
+        state["lead_images"] = greys[leads]
+    return state
+
+
+def route(config: ml_collections.ConfigDict, state: dict, images: jax.Array, descriptors: jax.Array | None) -> jax.Array:
+    """The group [B] whose lead image each test image matches best (first group on ties)."""
+    if config.matcher == matching.DENSE:
+        counts = matching.mutual_nn_counts(descriptors, state["lead_desc"], config.match_min_similarity, config.match_ratio)
+    else:
+        router = matching.keypoint_router(config.matcher, config.match_ratio, config.match_ransac)
+        counts = router(matching.grey_uint8(images), state["lead_images"])
+    return jnp.argmax(counts, axis=1)
+
+
+def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); routing and scoring in one jit."""
+    f, descriptors = embed(config, backbone, state["backbone"], images)
+    group = route(config, state, images, descriptors)
+    b, h, w, d = f.shape
+    patch_scores = mahalanobis(f.reshape(b, h * w, d), group, state).reshape(b, h, w)
+    maps = postprocess.anomaly_maps(patch_scores, images.shape[1:3], config.blur_sigma)
+    return jnp.max(maps, axis=(1, 2)), maps
