@@ -1,0 +1,171 @@
+"""EfficientAD: PDN shapes and receptive field, losses and map normalisation against numpy/torch,
+teacher distillation, and fit → evaluate through scripts/fit.py on tiny data."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxad import distillation
+from jaxad.backbones import load
+from jaxad.data import synthetic
+from jaxad.features import resize_bilinear
+from jaxad.methods import efficientad
+from jaxad.nets import PDN, Autoencoder, pdn_output_size
+from jaxad.nets.pdn import avg_pool_2x2, decoder_sizes
+from jaxad.postprocess import resize_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("size", ["s", "m"])
+@pytest.mark.parametrize("padded,side", [(True, 64), (False, 56)])
+def test_pdn_output_shapes_at_256(size, padded, side):
+    x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
+    for channels in (384, 768):
+        net = PDN(channels, size, padded)
+        params = jax.eval_shape(net.init, jax.random.key(0), x)
+        assert jax.eval_shape(net.apply, params, x).shape == (2, side, side, channels)
+    assert pdn_output_size(256, padded) == side
+
+
+@pytest.mark.parametrize("size", ["s", "m"])
+def test_unpadded_pdn_output_pixel_sees_exactly_its_33x33_patch(size):
+    """Perturb one input pixel: the outputs that change are exactly those whose patch
+    [4i, 4i + 32] × [4j, 4j + 32] contains it."""
+    net = PDN(8, size, padded=False)
+    x = jax.random.uniform(jax.random.key(1), (1, 64, 64, 3))
+    pixels = [(0, 0), (20, 45), (63, 31)]
+    batch = jnp.concatenate([x] + [x.at[0, p, q].add(5.0) for p, q in pixels])
+    params = jax.jit(net.init)(jax.random.key(2), x)
+    out = np.asarray(jax.jit(net.apply)(params, batch))
+    assert out.shape[1:3] == (8, 8)
+    i = np.arange(8)
+    for k, (p, q) in enumerate(pixels):
+        changed = np.abs(out[k + 1] - out[0]).max(-1) > 0
+        inside = ((4 * i <= p) & (p <= 4 * i + 32))[:, None] & ((4 * i <= q) & (q <= 4 * i + 32))[None, :]
+        assert np.array_equal(changed, inside), (p, q)
+
+
+def test_padded_pool_counts_padded_zeros():
+    x = jnp.ones((1, 4, 4, 1))
+    out = np.asarray(avg_pool_2x2(x, 1))[0, :, :, 0]
+    np.testing.assert_allclose(out, [[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]])
+
+
+def test_autoencoder_shape_and_decoder_sizes():
+    assert [h for h, _ in decoder_sizes((256, 256))] == [3, 8, 15, 32, 63, 127, 56]
+    x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+    params = jax.eval_shape(Autoencoder(384).init, jax.random.key(0), x)
+    assert jax.eval_shape(Autoencoder(384).apply, params, x).shape == (1, 56, 56, 384)
+    small = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    params = jax.eval_shape(Autoencoder(384).init, jax.random.key(0), small)
+    assert jax.eval_shape(Autoencoder(384).apply, params, small).shape == (1, 8, 8, 384)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(8, 15), (127, 56), (1, 3)])
+def test_bilinear_resize_is_torch_align_corners_false(n_in, n_out):
+    """The decoder's resize vs postprocess.resize_matrix, an independent numpy build of torch's rule."""
+    x = np.random.default_rng(0).standard_normal((1, n_in, n_in, 2)).astype(np.float32)
+    got = np.asarray(resize_bilinear(jnp.asarray(x), (n_out, n_out)))
+    m = resize_matrix(n_out, n_in)
+    want = np.einsum("Hh,bhwc,Ww->bHWc", m, x, m)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 7, 384), (2, 5, 3, 11)])
+def test_hard_feature_loss_matches_numpy(shape):
+    d = np.random.default_rng(1).random(shape).astype(np.float32)
+    q = 0.999
+    d_q = np.quantile(d.astype(np.float64), q)
+    want = d[d >= d_q].mean()
+    got = float(jax.jit(efficientad.hard_feature_loss, static_argnums=1)(jnp.asarray(d), q))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_map_normalisation_padding_and_resize_match_numpy():
+    rng = np.random.default_rng(2)
+    st, ae = rng.random((2, 6, 6)).astype(np.float32), rng.random((2, 6, 6)).astype(np.float32)
+    qs = {"st": np.quantile(st, [0.9, 0.995]), "ae": np.quantile(ae, [0.9, 0.995])}
+    combined = np.asarray(efficientad.combined_map({k: jnp.asarray(v, jnp.float32) for k, v in qs.items()},
+                                                   jnp.asarray(st), jnp.asarray(ae)))
+    norm = lambda m, q: 0.1 * (m - q[0]) / (q[1] - q[0])  # noqa: E731
+    np.testing.assert_allclose(combined, 0.5 * norm(st, qs["st"]) + 0.5 * norm(ae, qs["ae"]), rtol=1e-5, atol=1e-6)
+    torch = pytest.importorskip("torch")
+    want = torch.nn.functional.interpolate(torch.nn.functional.pad(torch.from_numpy(combined.copy())[:, None], (4, 4, 4, 4)),
+                                           size=(40, 40), mode="bilinear", align_corners=False)[:, 0].numpy()
+    np.testing.assert_allclose(np.asarray(efficientad.to_image(jnp.asarray(combined), (40, 40))), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,name", [(0, "adjust_brightness"), (1, "adjust_contrast"), (2, "adjust_saturation")])
+def test_colour_adjustments_match_torchvision(kind, name):
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("torchvision.transforms.functional")
+    x = np.random.default_rng(kind).random((2, 6, 5, 3)).astype(np.float32)
+    for f in (0.8, 1.17):
+        want = getattr(tf, name)(torch.from_numpy(x).permute(0, 3, 1, 2), f).permute(0, 2, 3, 1).numpy()
+        got = np.asarray(efficientad.adjust(jnp.asarray(x), jnp.int32(kind), jnp.float32(f)))
+        np.testing.assert_allclose(got, want, atol=1e-3)  # torchvision's luma is 0.2989 r, PIL's 0.299 r
+
+
+def test_distillation_targets_are_standardised_and_teacher_round_trips(tmp_path):
+    bb = load("efficientnet_lite0")
+    images = np.random.default_rng(5).random((4, 32, 32, 3)).astype(np.float32)
+    settings = distillation.Settings(image_size=32, target_size=32, steps=2, batch_size=2, stats_images=4)
+    batches = iter([images] * 100)
+    teacher = distillation.distil(settings, bb, batches, stats_batches=iter([images]))
+    proj = jnp.asarray(distillation.projection_matrix(152, "random", 0))
+    target = jax.jit(lambda v, x: distillation.target_features(settings, bb, v, proj, x))
+    raw = np.asarray(target(bb.variables, jnp.asarray(images)), np.float64)
+    assert raw.shape == (4, pdn_output_size(32, True), pdn_output_size(32, True), 384)
+    z = (raw - teacher["mean"]) / teacher["std"]
+    np.testing.assert_allclose(z.reshape(-1, 384).mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(z.reshape(-1, 384).std(0), 1, atol=1e-3)
+    path = distillation.save_teacher(tmp_path / "t", settings, teacher)
+    loaded_settings, loaded = distillation.load_teacher(path)
+    assert loaded_settings == settings
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(teacher)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_pool_projection_is_torch_adaptive_average():
+    torch = pytest.importorskip("torch")
+    for dim in (1536, 152):
+        x = np.random.default_rng(dim).standard_normal((3, dim)).astype(np.float32)
+        want = torch.nn.functional.adaptive_avg_pool1d(torch.from_numpy(x)[:, None], 384)[:, 0].numpy()
+        np.testing.assert_allclose(x @ distillation.projection_matrix(dim, "pool", 0), want, atol=1e-5)
+
+
+def fit_cli(*args: str) -> int:
+    argv = sys.argv
+    sys.argv = ["fit.py", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(ROOT / "scripts" / "fit.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return stop.value.code
+
+
+TINY = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=2", "--config.train_steps=6",
+        "--config.teacher_steps=3", "--config.teacher_batch_size=2", "--config.val_fraction=0.25", "--config.log_every=3"]
+
+
+def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
+    root = synthetic.generate(tmp_path / "data", seed=1, categories=["gear"], image_size=64, n_train=8,
+                              n_test_good=2, n_per_defect=1)
+    penalty = root / "gear" / "test"  # any folder of images stands in for ImageNet here
+    workdir = tmp_path / "w"
+    assert fit_cli("--method", "efficientad", "--data", root / "gear", "--workdir", workdir, *TINY,
+                   f"--config.penalty_dir={penalty}") == 0
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert 0 <= metrics["image_auroc"] <= 1 and set(metrics["per_defect_image_auroc"]) >= {"crack", "missing"}
+    history = json.loads((workdir / "train_history.json").read_text())
+    assert history["penalty"] == str(penalty) and history["n_validation"] == 2
+    assert history["history"][-1]["step"] == 6 and history["history"][-1]["penalty"] > 0
+    assert "distilled here" in history["teacher"]
