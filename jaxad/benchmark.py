@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -61,12 +62,32 @@ def speed(config: ml_collections.ConfigDict, predictor, data: Path) -> dict[str,
     return {"latency_ms_b1": 1e3 * one, "images_per_s_b16": THROUGHPUT_BATCH / many}
 
 
+def keep_plots(workdir: Path, plots_dir: Path, stem: str) -> list[Path]:
+    """Copy a run's ROC curve and its most anomalous map overlay to ``plots_dir/STEM_*.png``."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    kept = []
+    overlays = sorted((workdir / "maps").glob("*.png"))
+    defects = [p for p in overlays if not p.name.startswith("good_")]
+    for src, name in ((workdir / "roc.png", "roc"), ((defects or overlays or [None])[0], "map")):
+        if src is not None and src.is_file():
+            kept.append(plots_dir / f"{stem}_{name}.png")
+            shutil.copyfile(src, kept[-1])
+    return kept
+
+
 def run(
     configs: dict[tuple[str, str], ml_collections.ConfigDict],
     datasets: Sequence[Path],
     workroot: Path | None = None,
+    plots_dir: Path | None = None,
+    timed: bool = True,
 ) -> list[dict[str, Any]]:
-    """Fit, evaluate and time every ((method, variant), dataset); returns one row each."""
+    """Fit, evaluate and time every ((method, variant), dataset); returns one row each.
+
+    With ``plots_dir``, each run's ROC curve and one anomaly-map overlay are kept there (row key
+    ``plots``); everything else of the run lives in a temporary workdir unless ``workroot`` is given.
+    ``timed=False`` skips the latency and throughput measurement.
+    """
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workroot) if workroot is not None else Path(tmp)
@@ -78,9 +99,11 @@ def run(
                 saved = checkpoint.load(workdir)[1]
                 rows.append({
                     **result, "dataset": data.name, "method": method, "variant": variant,
-                    **speed(config, pipeline.make_predictor(config, bb, saved), data),
+                    **(speed(config, pipeline.make_predictor(config, bb, saved), data) if timed else {}),
                     "state_bytes": state_bytes(checkpoint.prepare_workdir(workdir)),
                 })
+                if plots_dir is not None:
+                    rows[-1]["plots"] = keep_plots(workdir, plots_dir, f"{method}-{variant}-{data.name}")
     return rows
 
 
@@ -104,6 +127,36 @@ def variants(methods: Sequence[str], specs: Sequence[str], config_dir: Path) -> 
     return out
 
 
+def few_shot(configs: dict[tuple[str, str], ml_collections.ConfigDict], sizes: Sequence[int]
+             ) -> dict[tuple[str, str], ml_collections.ConfigDict]:
+    """One config per (method, training-set size): ``train_images`` = size (0: every image)."""
+    out = {}
+    for (method, variant), config in configs.items():
+        for size in sizes:
+            name = f"n={size or 'all'}" if variant == "default" else f"{variant} n={size or 'all'}"
+            out[(method, name)] = apply_overrides(config, [f"--config.train_images={size}"])  # a load_config key
+    return out
+
+
+def few_shot_base(variant: str) -> str:
+    """The variant a few-shot row was swept from ("" for the default): ``"x n=5"`` → ``"x"``."""
+    return "" if variant.startswith("n=") else variant.rsplit(" n=", 1)[0]
+
+
+def few_shot_section(title: str, command: str, rows: list[dict[str, Any]], plots: Sequence[Path],
+                     link_root: Path, notes: str = "") -> str:
+    """Markdown for a few-shot sweep: accuracy against the number of training images."""
+    columns = ["dataset", "method", "n_train", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "fit_seconds"]
+    table = sorted(rows, key=lambda r: (r["dataset"], r["method"], few_shot_base(r["variant"]), r["n_train"]))
+    lines = [f"## {title}", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
+             f"Date: {time.strftime('%Y-%m-%d')}", "", report.markdown_table(table, columns), "",
+             "Training images drawn at random (seeded) from the normal training set; the test set is whole. "
+             + " ".join(f"![{p.stem}]({os.path.relpath(p, link_root)})" for p in plots), ""]
+    if notes:
+        lines += [notes, ""]
+    return "\n".join(lines)
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of the markdown file ``path``."""
     path = Path(path)
@@ -114,8 +167,10 @@ def write_section(path: Path, name: str, body: str) -> None:
     path.write_text(text)
 
 
-def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes: str = "") -> str:
-    """Markdown for one benchmark run: what ran where, the table, per-defect AUROCs."""
+def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes: str = "",
+                     link_root: Path | None = None) -> str:
+    """Markdown for one benchmark run: what ran where, the table, per-defect AUROCs, plot links
+    (relative to ``link_root``, the folder of the markdown file)."""
     lines = [
         f"## {title}", "",
         f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
@@ -129,6 +184,11 @@ def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes
         groups = sorted({k for r in per_defect for k in r} - {"dataset", "method", "variant"})
         lines += ["Image AUROC per defect type (each type against all good test images):", "",
                   report.markdown_table(per_defect, ["dataset", "method", "variant", *groups]), ""]
+    plots = [(r, p) for r in rows for p in r.get("plots", [])]
+    if plots and link_root is not None:
+        lines += ["Plots: " + " · ".join(
+            f"[{r['method']}/{r['variant']} {r['dataset']} {p.stem.rsplit('_', 1)[-1]}]({os.path.relpath(p, link_root)})"
+            for r, p in plots), ""]
     if notes:
         lines += [notes, ""]
     return "\n".join(lines)

@@ -16,6 +16,12 @@ import ml_collections
 
 from jaxad.errors import ConfigError
 
+# Keys the pipeline reads for every method, added to a config that does not set them.
+PIPELINE_DEFAULTS = {
+    "train_images": 0,  # > 0: fit on that many training images drawn at random (few-shot); 0: all
+}
+
+
 def config_path(method: str, config_dir: Path) -> Path:
     """``<config_dir>/<method>.py``, with the known methods listed when it is missing."""
     path = Path(config_dir) / f"{method}.py"
@@ -35,7 +41,11 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: a config file must define get_config()")
-    return module.get_config()
+    config = module.get_config()
+    for key, value in PIPELINE_DEFAULTS.items():
+        if key not in config:
+            config[key] = value
+    return config
 
 
 def _parse(raw: str, current: object, key: str) -> object:

@@ -7,6 +7,8 @@ single category holds ``config.json``, ``state/``, ``metrics.json``, ``roc.png``
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 from functools import partial
@@ -108,10 +110,19 @@ def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, wor
     return result
 
 
+def subsample_train(dataset: Dataset, count: int, seed: int) -> Dataset:
+    """The dataset with ``count`` training images drawn at random (seeded), for few-shot runs;
+    ``count`` ≤ 0 or ≥ the training set keeps every image."""
+    if count <= 0 or count >= len(dataset.train):
+        return dataset
+    picked = np.sort(np.random.default_rng(seed).choice(len(dataset.train), count, replace=False))
+    return dataclasses.replace(dataset, train=tuple(dataset.train[i] for i in picked))
+
+
 def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Path, backbone: backbones.Backbone) -> dict:
     """Fit, save and (when there is a test split) evaluate one category into ``workdir``."""
     workdir = checkpoint.prepare_workdir(workdir)
-    dataset = open_dataset(category)
+    dataset = subsample_train(open_dataset(category), config.get("train_images", 0), config.get("seed", 0))
     config = ml_collections.ConfigDict(config.to_dict())
     config.data = str(Path(category).resolve())
     config.workdir = str(workdir.resolve())  # trained methods keep resumable checkpoints in workdir/train

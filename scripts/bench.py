@@ -42,6 +42,9 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], help="[METHOD/]NAME:KEY=VALUE,... (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--section", help="section name in --out (default: METHOD-DATAROOTNAME)")
+    parser.add_argument("--note", default="", help="sentence printed under the tables (e.g. the schedule used)")
+    parser.add_argument("--few-shot", help="comma-separated training-set sizes, e.g. 5,10,25,50,all: "
+                        "image AUROC against the number of normal training images, plotted per dataset")
     parser.add_argument("--distances", action="store_true", help="run the distance micro-benchmark instead")
     parser.add_argument("--max-n", type=float, default=1e7, help="largest bank for d=152 (d=1536 stops 10x lower)")
     parser.add_argument("--flop-budget", type=float, default=2e11, help="NN FLOPs timed per measurement (raise on accelerators)")
@@ -66,10 +69,36 @@ def main() -> int:
         if not (root / "train").is_dir() else [root]
     methods = args.method or ["crd"]
     configs = benchmark.variants(methods, args.variant, ROOT / "configs")
-    rows = benchmark.run(configs, datasets)
     section = args.section or f"{'-'.join(methods)}-{root.resolve().name}"
+    if args.few_shot:
+        return few_shot(args, command, configs, datasets, section)
+    rows = benchmark.run(configs, datasets, plots_dir=args.out.parent / "benchmarks" / section)
     title = f"{', '.join(methods)} on {root.resolve().name}"
-    benchmark.write_section(args.out, section, benchmark.accuracy_section(title, command, rows))
+    body = benchmark.accuracy_section(title, command, rows, args.note, link_root=args.out.parent)
+    benchmark.write_section(args.out, section, body)
+    print(f"wrote section {section!r} of {args.out}")
+    return 0
+
+
+def few_shot(args: argparse.Namespace, command: str, configs: dict, datasets: list[Path], section: str) -> int:
+    sizes = [0 if s.strip() == "all" else int(s) for s in args.few_shot.split(",")]
+    rows = benchmark.run(benchmark.few_shot(configs, sizes), datasets, timed=False)
+    plots = []
+    for data in datasets:
+        sub = [r for r in rows if r["dataset"] == data.name]
+        series = {}
+        for r in sorted(sub, key=lambda r: r["n_train"]):
+            label = " ".join(filter(None, [r["method"], benchmark.few_shot_base(r["variant"])]))
+            xs, ys = series.setdefault(label, ([], []))
+            xs.append(r["n_train"])
+            ys.append(r["image_auroc"])
+        plots.append(args.out.parent / "benchmarks" / section / f"{data.name}_image_auroc.png")
+        plots[-1].parent.mkdir(parents=True, exist_ok=True)
+        report.save_line_plot(plots[-1], series, "normal training images", "image AUROC",
+                              f"few-shot: {data.name}", logx=True)
+    title = f"Few-shot: {', '.join(sorted({m for m, _ in configs}))} against training-set size"
+    body = benchmark.few_shot_section(title, command, rows, plots, args.out.parent, args.note)
+    benchmark.write_section(args.out, section, body)
     print(f"wrote section {section!r} of {args.out}")
     return 0
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from jaxad import benchmark
+from jaxad import benchmark, pipeline
 from jaxad.data import synthetic
 from jaxad.errors import ConfigError
 from test_pipeline import CONFIGS_DIR, run_script
@@ -42,3 +42,35 @@ def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
     for cells in rows:
         assert float(cells["latency_ms_b1"]) > 0 and float(cells["images_per_s_b16"]) > 0
         assert int(re.sub(r"\D", "", cells["state_bytes"])) > 0
+    for method, variant in (("crd", "small"), ("padim", "default")):
+        for kind in ("roc", "map"):
+            plot = tmp_path / "benchmarks" / "t" / f"{method}-{variant}-gear_{kind}.png"
+            assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"(benchmarks/t/{plot.name})" in text
+
+
+def test_few_shot_configs_subsample_the_training_set(tmp_path):
+    configs = benchmark.few_shot(benchmark.variants(["crd"], ["wide:lam=2"], CONFIGS_DIR), [3, 0])
+    assert sorted(configs) == [("crd", "n=3"), ("crd", "n=all"), ("crd", "wide n=3"), ("crd", "wide n=all")]
+    assert configs[("crd", "wide n=3")].train_images == 3 and configs[("crd", "wide n=3")].lam == 2
+    assert benchmark.few_shot_base("wide n=3") == "wide" and benchmark.few_shot_base("n=all") == ""
+    root = synthetic.generate(tmp_path / "data", seed=3, categories=["gear"], image_size=64,
+                              n_train=6, n_test_good=1, n_per_defect=1) / "gear"
+    full = pipeline.open_dataset(root)
+    picked = [pipeline.subsample_train(full, 3, seed).train for seed in (0, 0, 1)]
+    assert len(picked[0]) == 3 and picked[0] == picked[1] and set(picked[0]) <= set(full.train)
+    assert picked[0] != picked[2]  # another seed, another draw (20 possible draws of 3 from 6)
+    assert pipeline.subsample_train(full, 0, 0) == full and pipeline.subsample_train(full, 9, 0) == full
+
+
+def test_few_shot_sweep_writes_table_and_curve(tmp_path, capsys):
+    root = synthetic.generate(tmp_path / "data", seed=2, categories=["gear"], image_size=64,
+                              n_train=6, n_test_good=2, n_per_defect=1)
+    out = tmp_path / "B.md"
+    args = ["--method", "crd", "--data-root", root, "--out", out, "--section", "fs", "--few-shot", "2,all",
+            "--variant", "default:image_size=64,batch_size=4,num_overlays=1"]
+    code, _, err = run_script("bench.py", *args, capsys=capsys)
+    assert code == 0, err
+    text = out.read_text()
+    assert re.search(r"\| gear \| crd \| 2 \| [01]\.\d{4} \|", text) and re.search(r"\| gear \| crd \| 6 \| [01]\.\d{4} \|", text)
+    assert (tmp_path / "benchmarks" / "fs" / "gear_image_auroc.png").read_bytes()[:4] == b"\x89PNG"
