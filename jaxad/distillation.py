@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 from PIL import Image
 
-from jaxad import features, training
+from jaxad import features, parallel, training
 from jaxad.backbones import Backbone
 from jaxad.data.images import IMAGE_EXTENSIONS, read_image
 from jaxad.errors import ConfigError, DataError
@@ -144,8 +145,10 @@ def optimiser(lr: float, weight_decay: float) -> optax.GradientTransformation:
 
 def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray], *,
            stats_batches: Iterator[np.ndarray], checkpoint_dir: str | Path | None = None,
-           checkpoint_every: int = 1000) -> dict:
+           checkpoint_every: int = 1000, mesh: Mesh | None = None) -> dict:
     """Train a padded PDN on the standardised targets; returns {'params', 'mean', 'std'}.
+
+    Data-parallel over ``mesh`` (default: the devices that divide the batch size).
 
     ``batches`` and ``stats_batches`` yield [B, S, S, 3] images in [0, 1] with S ≥ both sizes
     (they are resized on the device to ``image_size`` and ``target_size``).
@@ -180,8 +183,22 @@ def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray]
         return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, {"loss": loss}
 
     state, _ = training.train(step, state, batches, settings.steps, key_train, checkpoint_dir=checkpoint_dir,
-                              checkpoint_every=checkpoint_every, desc="distil teacher")
+                              checkpoint_every=checkpoint_every, desc="distil teacher",
+                              mesh=parallel.training_mesh(settings.batch_size) if mesh is None else mesh)
     return {"params": state["params"], "mean": jnp.asarray(mean), "std": jnp.asarray(std)}
+
+
+def check_new_teacher_folder(path: str | Path) -> None:
+    """ConfigError unless ``path`` is absent, empty, or holds only the ``train/`` checkpoints of an
+    interrupted distillation: a finished teacher or foreign files are never overwritten."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a folder; choose another --config.out")
+    if (path / "teacher.json").exists():
+        raise ConfigError(f"{path}: already holds a teacher; choose another --config.out or delete it first")
+    foreign = sorted(p.name for p in path.iterdir() if p.name != "train") if path.is_dir() else []
+    if foreign:
+        raise ConfigError(f"{path}: not empty ({', '.join(foreign[:5])}); choose another --config.out")
 
 
 def save_teacher(path: str | Path, settings: Settings, teacher: dict) -> Path:

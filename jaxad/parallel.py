@@ -7,6 +7,7 @@ gives the same result as on one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,24 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a full copy of every array on every device of the mesh."""
     sharding = NamedSharding(mesh, P())
     return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def training_mesh(batch_size: int, devices: list[jax.Device] | None = None) -> Mesh:
+    """The batch mesh over as many devices as divide ``batch_size`` evenly (all of them when the
+    batch size is a multiple of the device count; a prime batch on 8 devices falls back to 1)."""
+    devices = jax.local_devices() if devices is None else devices
+    return batch_mesh(devices[: math.gcd(batch_size, len(devices))])
+
+
+def along_batch(mesh: Mesh) -> Callable[[Any], Any]:
+    """Inside ``jit``: constrain every array of a pytree to be split along axis 0 over ``mesh``.
+
+    Applied to the batch a step builds on the device, it makes the step data-parallel: XLA
+    partitions the per-example work and turns the reductions over the batch (loss mean,
+    BatchNorm statistics, gradients) into all-reduces, so the result is that of one device.
+    """
+    sharding = NamedSharding(mesh, P(AXIS))
+    return lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
 def summed_over_batch(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:

@@ -15,8 +15,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jaxad import parallel
 from jaxad.errors import DataError, NumericsError
 
 Step = Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
@@ -77,12 +79,14 @@ def train(
     checkpoint_every: int = 1000,
     desc: str = "train",
     log_every: int = 50,
+    mesh: Mesh | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
     """Run ``step`` until ``steps`` optimiser steps are done; returns (state, logged metrics).
 
     The step number is counted here; the key of step ``i`` is ``fold_in(key, i)``, so a resumed run
     draws the same noise a continuous one would. A non-finite loss stops training with an error
-    naming the step instead of saving NaN weights.
+    naming the step instead of saving NaN weights. With ``mesh`` the state is replicated and every
+    batch split along its first axis over the mesh: the jitted step then runs data-parallel.
     """
     start, manager = 0, None
     if checkpoint_dir is not None:
@@ -91,6 +95,9 @@ def train(
         if latest is not None:
             state = manager.restore(latest, args=ocp.args.StandardRestore(state))
             start = latest
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
+        batches = (parallel.shard_batch(b, mesh) for b in batches)
     history: list[dict[str, float]] = []
     with tqdm(total=steps, initial=start, desc=desc, unit="step", leave=False, dynamic_ncols=True) as bar:
         for i in range(start, steps):

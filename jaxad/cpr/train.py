@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from jaxad import metrics as jaxad_metrics
-from jaxad import postprocess, training
+from jaxad import parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.cpr import anomalies, local
 
@@ -176,10 +177,13 @@ def scale_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def training_loss(config, backbone: Backbone, params: dict, batch_stats: dict, data: dict, key: jax.Array,
-                  idx: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
-    """Loss of one step, summed over scales; returns (loss, (new batch_stats, metrics))."""
+                  idx: jax.Array, shard: Callable = lambda tree: tree) -> tuple[jax.Array, tuple[dict, dict]]:
+    """Loss of one step, summed over scales; returns (loss, (new batch_stats, metrics)).
+
+    ``shard`` places the synthesised pairs (e.g. :func:`jaxad.parallel.along_batch`): everything
+    after it runs data-parallel."""
     k_pairs, k_points = jax.random.split(key)
-    queries, refs, masks, fg_q, fg_r = make_pairs(config, k_pairs, data, idx)
+    queries, refs, masks, fg_q, fg_r = shard(make_pairs(config, k_pairs, data, idx))
     B, size = queries.shape[0], queries.shape[1]
     raw = backbone_maps(config, backbone, data["backbone"], jnp.concatenate([queries, refs]))
     pairs = jax.vmap(partial(point_pairs, config))(jax.random.split(k_points, B), masks, fg_q, fg_r)
@@ -259,19 +263,22 @@ def _validated(state: dict, value: float) -> dict:
 
 
 def make_step(config: ml_collections.ConfigDict, backbone: Backbone, data: dict, train_ids: jax.Array,
-              val: dict | None) -> Callable:
+              val: dict | None, mesh: Mesh | None = None) -> Callable:
     """The ``(state, batch, key) -> (state, metrics)`` for :func:`jaxad.training.train`: one jitted
     optimiser step, then, every ``validate_every`` steps, the validation pixel AUROC (maps on the
     device, the ranking on the host).
 
     Everything the step reads (images, foreground maps, neighbours, textures, backbone weights)
-    stays on the device; batch rows are independent, so the leading axes can be sharded."""
+    stays on the device (replicated over ``mesh``, whose devices each take a slice of the pairs)."""
     frozen = ml_collections.FrozenConfigDict(config)
+    shard = (lambda tree: tree) if mesh is None else parallel.along_batch(mesh)
+    if mesh is not None:
+        data, train_ids, val = parallel.replicate((data, train_ids, val), mesh)
 
     @jax.jit
     def update(state, key, data, train_ids):
         idx = batch_indices(frozen, state["step"], train_ids)
-        grad_fn = jax.value_and_grad(partial(training_loss, frozen, backbone), has_aux=True)
+        grad_fn = jax.value_and_grad(partial(training_loss, frozen, backbone, shard=shard), has_aux=True)
         (_, (stats, metrics)), grads = grad_fn(state["params"], state["batch_stats"], data, key, idx)
         updates, opt = optimiser(frozen).update(grads, state["opt"], state["params"])
         state = {**state, "params": optax.apply_updates(state["params"], updates), "batch_stats": stats,
@@ -294,13 +301,18 @@ def make_step(config: ml_collections.ConfigDict, backbone: Backbone, data: dict,
 
 
 def run(config: ml_collections.ConfigDict, backbone: Backbone, data: dict, channels: list[int],
-        train_ids: np.ndarray, val: dict | None, workdir: Path | None) -> tuple[dict, dict, dict]:
-    """Train; returns (params, batch_stats, summary) of the selected branches (best validation
-    AUROC when there is a validation set and ``select='best'``, else the last)."""
+        train_ids: np.ndarray, val: dict | None, workdir: Path | None,
+        mesh: Mesh | None = None) -> tuple[dict, dict, dict]:
+    """Train (data-parallel over ``mesh``, default: the devices that divide the pair batch);
+    returns (params, batch_stats, summary) of the selected branches (best validation AUROC when
+    there is a validation set and ``select='best'``, else the last)."""
     key_init, key_train = jax.random.split(jax.random.key(config.seed + 1))
-    step = make_step(config, backbone, data, jnp.asarray(train_ids), val)
+    if mesh is None:
+        mesh = parallel.training_mesh(min(config.train_batch_size, len(train_ids)))
+    step = make_step(config, backbone, data, jnp.asarray(train_ids), val, mesh)
+    state = parallel.replicate(init_state(config, channels, key_init), mesh)
     state, history = training.train(
-        step, init_state(config, channels, key_init), itertools.repeat(None), config.train_steps, key_train,
+        step, state, itertools.repeat(None), config.train_steps, key_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
         desc="cpr", log_every=config.validate_every)
     use_best = val is not None and config.select == "best" and bool(np.isfinite(float(state["best_auroc"])))

@@ -188,7 +188,7 @@ def fit(
             val = lrb_training.validation_set(config, backbone, data, val_ids, val_neighbours)
         workdir = Path(config.workdir) if "workdir" in config else None
         params, stats, summary = lrb_training.run(config, backbone, data, [m.shape[-1] for m in scales],
-                                                  train_ids, val, workdir)
+                                                  train_ids, val, workdir, mesh)
         state.update(params=params, batch_stats=stats,
                      validation={k: np.float32(v) for k, v in summary.items()})
     state["bank"] = _bank(config, scales, params, stats)

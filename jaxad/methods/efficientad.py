@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxad import distillation, postprocess, training
+from jaxad import distillation, parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
 from jaxad.errors import ConfigError
@@ -255,7 +255,7 @@ def train_batches(config: ml_collections.ConfigDict, images: np.ndarray) -> Iter
     """Endless (training images, generic penalty images at 2× size or a placeholder) pairs."""
     own = training.random_batches(images, config.train_batch_size, config.seed)
     if not uses_penalty(config):
-        placeholder = np.zeros((1, 1, 1, 3), np.float32)
+        placeholder = np.zeros((config.train_batch_size, 1, 1, 3), np.float32)
         return ((x, placeholder) for x in own)
     paths = distillation.image_files(config.penalty_dir)
     generic = distillation.file_batches(paths, config.train_batch_size, 2 * config.image_size, config.seed)
@@ -294,7 +294,7 @@ def fit_images(config: ml_collections.ConfigDict, images: np.ndarray, backbone: 
         make_step(config, frozen), {"params": params, "opt": optimiser(config).init(params)},
         train_batches(config, train_images), config.train_steps, k_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
-        desc="efficientad", log_every=config.log_every)
+        desc="efficientad", log_every=config.log_every, mesh=parallel.training_mesh(config.train_batch_size))
     train_seconds = time.perf_counter() - start
     state = {**frozen, **trained["params"], "penalty": np.int32(uses_penalty(config))}
     state["quantiles"] = validation_quantiles(config, state, images[val_idx])

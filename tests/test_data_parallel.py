@@ -1,0 +1,86 @@
+"""Training steps split over 8 fake CPU devices give the parameters of one device.
+
+Each check runs in a fresh process: the number of CPU devices is fixed when JAX starts.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRELUDE = """
+import jax, numpy as np
+jax.config.update("jax_num_cpu_devices", 8)
+from jaxad import backbones, parallel
+assert len(jax.devices()) == 8, jax.devices()
+one, eight = parallel.batch_mesh(jax.devices()[:1]), parallel.batch_mesh()
+
+def assert_same_params(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.sharding.num_devices == 1 or y.sharding.num_devices == 1
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol)
+"""
+
+
+def _run(body: str) -> None:
+    code = PRELUDE + textwrap.dedent(body) + "\nprint('OK')\n"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu", "TQDM_DISABLE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+
+
+def test_teacher_distillation_step_is_data_parallel():
+    """Batch of 8 split one image per device; the replicated PDN gets the all-reduced gradient."""
+    _run("""
+        from jaxad import distillation
+        bb = backbones.load("efficientnet_lite0")
+        images = np.random.default_rng(0).random((8, 32, 32, 3)).astype(np.float32)
+        settings = distillation.Settings(image_size=32, target_size=32, steps=2, batch_size=8, stats_images=8,
+                                         grayscale=0.5)
+        run = lambda mesh: distillation.distil(settings, bb, iter([images] * 2), stats_batches=iter([images]),
+                                               mesh=mesh)["params"]
+        sharded = run(eight)
+        assert all(x.sharding.num_devices == 8 for x in jax.tree.leaves(sharded))
+        # Adam's first steps move each weight by ~lr = 1e-4 whatever the gradient's size: compare at that scale
+        assert_same_params(run(one), sharded, atol=2e-6)
+    """)
+
+
+def test_cpr_local_branch_training_is_data_parallel():
+    """CPR's pairs are synthesised on the device and sharded inside the step; BatchNorm statistics
+    and gradients over the sharded batch equal the one-device ones."""
+    _run("""
+        import json, tempfile
+        from pathlib import Path
+        from jaxad.config import load_config
+        from jaxad.data import Batch
+        from jaxad.methods import cpr
+        config = load_config("configs/cpr_faster.py")
+        config.update(image_size=64, train_steps=2, validate_every=1, train_batch_size=8, procedural_textures=4,
+                      kmeans_samples=2000, kmeans_restarts=1, foreground_samples=500, batch_size=4)
+        bb = backbones.load(config.backbone)
+        images = np.random.default_rng(1).random((12, 64, 64, 3)).astype(np.float32)
+        data = [Batch(images[i:i + 4], None, np.zeros(4, np.int32), np.ones(4, bool), tuple(map(str, range(4))))
+                for i in range(0, 12, 4)]
+
+        def run(mesh):
+            config.workdir = tempfile.mkdtemp()
+            state = cpr.fit(config, data, bb, mesh=mesh)
+            history = json.loads((Path(config.workdir) / "train_history.json").read_text())["history"]
+            return state, np.array([[h["loss"], h["val_auroc"]] for h in history])
+
+        (single, h1), (sharded, h8) = run(one), run(eight)
+        assert all(x.sharding.num_devices == 8 for x in jax.tree.leaves(sharded["params"]))
+        assert h1.shape == (2, 2)
+        np.testing.assert_allclose(h8, h1, rtol=1e-4)  # same losses, same validation, step by step
+        assert_same_params(single["batch_stats"], sharded["batch_stats"], atol=1e-4)  # same forward statistics
+        # Adam moves a weight by ~lr per step whatever its gradient's size, so one whose gradient is
+        # ~0 may go either way as float noise tips it: the bound on the weights is 2·lr·steps.
+        for x, y in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(sharded["params"]), strict=True):
+            assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 2 * 1e-3 * config.train_steps
+    """)
