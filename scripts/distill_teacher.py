@@ -34,10 +34,11 @@ def main() -> int:
         projection=config.projection, image_size=config.image_size, target_size=config.target_size,
         steps=config.steps, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
         grayscale=config.grayscale, stats_images=config.stats_images, seed=config.seed)
+    out = Path(config.out)
+    distillation.check_new_teacher_folder(out)
     paths = distillation.image_files(config.data)
     side = max(config.image_size, config.target_size)
     backbone = backbones.load(config.backbone, config.weights or None)
-    out = Path(config.out)
     teacher = distillation.distil(
         settings, backbone, distillation.file_batches(paths, config.batch_size, side, config.seed),
         stats_batches=distillation.file_batches(paths, config.batch_size, side, config.seed + 1),

@@ -1,8 +1,6 @@
 """CPR end to end through scripts/fit.py on a tiny synthetic object category."""
 
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import jax
@@ -11,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from test_pipeline import run_cli
 from jaxad import backbones, checkpoint
 from jaxad.config import load_config
 from jaxad.data import iterate_batches, open_dataset, synthetic
@@ -28,14 +27,7 @@ def category(tmp_path_factory) -> Path:
 
 
 def fit(method: str, category: Path, workdir: Path, *overrides: str) -> dict:
-    argv = sys.argv
-    sys.argv = ["fit.py", "--method", method, "--data", str(category), "--workdir", str(workdir), *SMALL, *overrides]
-    try:
-        with pytest.raises(SystemExit) as stop:
-            runpy.run_path(str(ROOT / "scripts" / "fit.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    assert stop.value.code == 0
+    assert run_cli("fit.py", "--method", method, "--data", category, "--workdir", workdir, *SMALL, *overrides) == 0
     return json.loads((workdir / "metrics.json").read_text())
 
 

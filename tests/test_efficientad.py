@@ -2,8 +2,6 @@
 teacher distillation, and fit → evaluate through scripts/fit.py on tiny data."""
 
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import jax
@@ -11,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_pipeline import run_cli
 from jaxad import distillation
 from jaxad.backbones import load
 from jaxad.data import synthetic
@@ -141,17 +140,6 @@ def test_pool_projection_is_torch_adaptive_average():
         np.testing.assert_allclose(x @ distillation.projection_matrix(dim, "pool", 0), want, atol=1e-5)
 
 
-def fit_cli(*args: str) -> int:
-    argv = sys.argv
-    sys.argv = ["fit.py", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as stop:
-            runpy.run_path(str(ROOT / "scripts" / "fit.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    return stop.value.code
-
-
 TINY = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=2", "--config.train_steps=6",
         "--config.teacher_steps=3", "--config.teacher_batch_size=2", "--config.val_fraction=0.25", "--config.log_every=3"]
 
@@ -161,7 +149,7 @@ def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
                               n_test_good=2, n_per_defect=1)
     penalty = root / "gear" / "test"  # any folder of images stands in for ImageNet here
     workdir = tmp_path / "w"
-    assert fit_cli("--method", "efficientad", "--data", root / "gear", "--workdir", workdir, *TINY,
+    assert run_cli("fit.py", "--method", "efficientad", "--data", root / "gear", "--workdir", workdir, *TINY,
                    f"--config.penalty_dir={penalty}") == 0
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert 0 <= metrics["image_auroc"] <= 1 and set(metrics["per_defect_image_auroc"]) >= {"crack", "missing"}
@@ -169,3 +157,22 @@ def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
     assert history["penalty"] == str(penalty) and history["n_validation"] == 2
     assert history["history"][-1]["step"] == 6 and history["history"][-1]["penalty"] > 0
     assert "distilled here" in history["teacher"]
+
+
+def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys):
+    root = synthetic.generate(tmp_path / "data", seed=4, categories=["gear"], image_size=64, n_train=6,
+                              n_test_good=1, n_per_defect=1)
+    teacher = tmp_path / "teacher"
+    distil = [f"--config.data={root / 'gear' / 'train'}", f"--config.out={teacher}", "--config.image_size=64",
+              "--config.target_size=64", "--config.steps=2", "--config.batch_size=2", "--config.stats_images=4"]
+    assert run_cli("distill_teacher.py", *distil) == 0
+    written = (teacher / "teacher.json").read_text()
+    assert run_cli("distill_teacher.py", *distil) == 2
+    assert "already holds a teacher" in capsys.readouterr().err and (teacher / "teacher.json").read_text() == written
+    workdir = tmp_path / "w"
+    assert run_cli("fit.py", "--method", "efficientad", "--data", root / "gear", "--workdir", workdir, *TINY,
+                   f"--config.teacher={teacher}") == 0
+    assert json.loads((workdir / "train_history.json").read_text())["teacher"] == f"file {teacher}"
+    assert run_cli("fit.py", "--method", "efficientad", "--data", root / "gear", "--workdir", tmp_path / "w2", *TINY,
+                   f"--config.teacher={teacher}", "--config.pdn=m") == 2
+    assert "PDN-S" in capsys.readouterr().err

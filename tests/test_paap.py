@@ -2,7 +2,6 @@
 
 import json
 import math
-import runpy
 import sys
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 from jaxad import backbones, checkpoint, features
 from jaxad.data import iterate_batches, open_dataset, synthetic
 from jaxad.methods import paap
-from test_pipeline import ROOT, SMALL, run_script
+from test_pipeline import SMALL, run_cli, run_script
 
 
 def _paap_reference(x: np.ndarray, p: int, out: int) -> np.ndarray:
@@ -119,14 +118,7 @@ def fitted(gear, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run") / "w"
     args = ["--method", "paap", "--data", str(gear), "--workdir", str(workdir), *SMALL, "--config.min_group_size=3",
             "--config.group_size=4"]
-    argv = sys.argv
-    sys.argv = ["fit.py", *args]
-    try:
-        with pytest.raises(SystemExit) as stop:
-            runpy.run_path(str(ROOT / "scripts" / "fit.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    assert stop.value.code == 0
+    assert run_cli("fit.py", *args) == 0
     return workdir
 
 

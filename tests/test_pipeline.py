@@ -31,6 +31,18 @@ def run_script(name: str, *args: str, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def run_cli(name: str, *args: str) -> int:
+    """Run scripts/NAME.py in-process, its output left to pytest; returns the exit code."""
+    argv = sys.argv
+    sys.argv = [str(ROOT / "scripts" / name), *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv = argv
+    return stop.value.code
+
+
 @pytest.fixture(scope="module")
 def category(tmp_path_factory) -> Path:
     root = synthetic.generate(tmp_path_factory.mktemp("syn") / "data", seed=1, categories=["gear"],
@@ -41,14 +53,7 @@ def category(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fitted(category, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("run") / "w"
-    argv = sys.argv
-    sys.argv = ["fit.py", "--method", "crd", "--data", str(category), "--workdir", str(workdir), *SMALL]
-    try:
-        with pytest.raises(SystemExit) as stop:
-            runpy.run_path(str(ROOT / "scripts" / "fit.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    assert stop.value.code == 0
+    assert run_cli("fit.py", "--method", "crd", "--data", category, "--workdir", workdir, *SMALL) == 0
     return workdir
 
 

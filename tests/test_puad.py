@@ -2,8 +2,6 @@
 fit → evaluate through scripts/fit.py on a tiny LOCO-layout category with a teacher file."""
 
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import jax
@@ -12,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from test_pipeline import run_cli
 from jaxad import distillation
 from jaxad.data import synthetic_loco
 from jaxad.methods import puad
@@ -66,16 +65,9 @@ def test_cli_end_to_end_on_a_tiny_loco_category(tmp_path):
                                         {"params": params, "mean": np.zeros(384, np.float32),
                                          "std": np.ones(384, np.float32)})
     workdir = tmp_path / "w"
-    argv = sys.argv
-    sys.argv = ["fit.py", "--method", "puad", "--data", str(data), "--workdir", str(workdir),
-                "--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=2",
-                "--config.train_steps=4", "--config.val_fraction=0.25", f"--config.teacher={teacher}"]
-    try:
-        with pytest.raises(SystemExit) as stop:
-            runpy.run_path(str(ROOT / "scripts" / "fit.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
-    assert stop.value.code == 0
+    assert run_cli("fit.py", "--method", "puad", "--data", data, "--workdir", workdir, "--config.image_size=64",
+                   "--config.batch_size=4", "--config.num_overlays=2", "--config.train_steps=4",
+                   "--config.val_fraction=0.25", f"--config.teacher={teacher}") == 0
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert set(metrics["per_defect_image_auroc"]) >= {"logical_anomalies", "structural_anomalies"}
     assert 0 <= metrics["image_auroc"] <= 1

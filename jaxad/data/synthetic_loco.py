@@ -97,7 +97,7 @@ def _shape(part: Part, size: int, y: np.ndarray, x: np.ndarray) -> tuple[np.ndar
 def _render(rng: np.random.Generator, parts: Sequence[Part], size: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Image [S, S, 3] float32 in [0, 1] and each part's coverage; lighting and noise from rng."""
     y, x = _grid(size)
-    lo, hi = 0.1 * size, 0.9 * size
+    lo = 0.1 * size
     q = np.maximum(np.abs(x - size / 2) - (size / 2 - lo - 8), 0) ** 2 + np.maximum(np.abs(y - size / 2) - (size / 2 - lo - 8), 0) ** 2
     tray_sdf = np.sqrt(q) - 8.0
     tray = _cover(tray_sdf)
