@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 
@@ -63,3 +64,22 @@ def distance(f: jax.Array, mean: jax.Array, chol: jax.Array) -> jax.Array:
     diff = jnp.transpose(f.reshape(b, h * w, d) - mean, (1, 2, 0))  # [L, d, B]
     z = solve_triangular(chol, diff, lower=True)
     return jnp.sqrt(jnp.sum(z * z, axis=1)).T.reshape(b, h, w)
+
+
+def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ledoit-Wolf shrinkage (sklearn's estimator) of centred samples xc [n, L, d], per location:
+    (a [L], b [L]) with Σ = a·XcᵀXc + b·I, i.e. Σ = (1−ρ)S + ρμI for S = XcᵀXc/n, μ = tr S/d.
+
+    ρ = min(β, δ)/δ with δ = ‖S − μI‖²_F/d and β = (Σₖ‖xₖ‖⁴/n − ‖S‖²_F)/(n·d); every term comes
+    from the n×n Gram matrix, never from a d×d one, so it stays cheap when d ≫ n.
+    """
+    xc = np.asarray(xc, np.float64)
+    n, _, d = xc.shape
+    gram = np.einsum("nld,mld->lnm", xc, xc)
+    mu = np.trace(gram, axis1=1, axis2=2) / (n * d)
+    fro2 = np.sum(gram * gram, axis=(1, 2)) / n**2
+    fourth = np.sum(np.sum(xc * xc, axis=2) ** 2, axis=0)
+    delta = (fro2 - d * mu * mu) / d
+    beta = np.minimum((fourth / n - fro2) / (n * d), delta)
+    rho = np.where(delta > 0, beta / np.where(delta > 0, delta, 1.0), 0.0)
+    return (1.0 - rho) / n, rho * mu

@@ -49,6 +49,7 @@ from jax.scipy.linalg import solve_triangular
 from jaxad import features, matching, postprocess
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
+from jaxad.distances import mahalanobis as gaussian
 from jaxad.errors import ConfigError, NumericsError
 
 SHRINKAGE = ("ledoit_wolf", "ridge")
@@ -144,22 +145,14 @@ def embed(config: ml_collections.ConfigDict, backbone: Backbone, variables, imag
 def shrinkage(xc: np.ndarray, mode: str, ridge: float, floor: float) -> tuple[np.ndarray, np.ndarray]:
     """(a [L], b [L]) with Σ = a·XcᵀXc + b·I per location, for centred float64 features xc [n, L, d].
 
-    ``ledoit_wolf``: Σ = (1−ρ)S + ρμI, S = XcᵀXc/n, μ = tr S/d, ρ = min(β, δ)/δ with
-    δ = ‖S − μI‖²_F/d and β = (Σₖ‖xₖ‖⁴/n − ‖S‖²_F)/(n·d); every term comes from the n×n Gram
-    matrix, never from a d×d one. b is kept ≥ ``floor`` so a degenerate group stays solvable.
-    ``ridge``: Σ = XcᵀXc/(n−1) + ridge·I.
+    ``ledoit_wolf``: :func:`jaxad.distances.mahalanobis.ledoit_wolf`, with b kept ≥ ``floor`` so a
+    degenerate group stays solvable. ``ridge``: Σ = XcᵀXc/(n−1) + ridge·I.
     """
-    n, _, d = xc.shape
+    n = xc.shape[0]
     if mode == "ridge":
         return np.full(xc.shape[1], 1.0 / max(n - 1, 1)), np.full(xc.shape[1], ridge)
-    gram = np.einsum("nld,mld->lnm", xc, xc)
-    mu = np.trace(gram, axis1=1, axis2=2) / (n * d)
-    fro2 = np.sum(gram * gram, axis=(1, 2)) / n**2
-    fourth = np.sum(np.sum(xc * xc, axis=2) ** 2, axis=0)
-    delta = (fro2 - d * mu * mu) / d
-    beta = np.minimum((fourth / n - fro2) / (n * d), delta)
-    rho = np.where(delta > 0, beta / np.where(delta > 0, delta, 1.0), 0.0)
-    return (1.0 - rho) / n, np.maximum(rho * mu, floor)
+    a, b = gaussian.ledoit_wolf(xc)
+    return a, np.maximum(b, floor)
 
 
 def group_gaussians(feats: np.ndarray, group_id: np.ndarray, mode: str, ridge: float) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from jaxad import training
+from jaxad.distances import mahalanobis as gaussian
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
 from jaxad.errors import ConfigError
@@ -34,19 +35,11 @@ FEATURES = ("student", "teacher")
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """(shrunk covariance, shrinkage) of samples x [n, d] (Ledoit & Wolf 2004, as sklearn's
-    ``LedoitWolf``): Σ = (1 − ρ)·S + ρ·μ·I with S the biased sample covariance, μ = tr(S)/d,
-    ρ = min(β², δ²)/δ², δ² = ‖S − μI‖²_F/d and β² = Σ_k ‖x_k x_kᵀ − S‖²_F / (n²d)."""
+    """(shrunk covariance, shrinkage ρ) of samples x [n, d], as sklearn's ``LedoitWolf``."""
     x = np.asarray(x, np.float64)
-    n, d = x.shape
-    x = x - x.mean(0)
-    s = x.T @ x / n
-    mu = np.trace(s) / d
-    delta = np.sum((s - mu * np.eye(d)) ** 2) / d
-    # Σ_k ‖x_k x_kᵀ − S‖² = Σ_k ‖x_k‖⁴ − n‖S‖² (no n×d×d tensor)
-    beta = (np.sum(np.sum(x * x, 1) ** 2) - n * np.sum(s * s)) / (n * n * d)
-    shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
-    return (1 - shrinkage) * s + shrinkage * mu * np.eye(d), float(shrinkage)
+    xc = x - x.mean(0)
+    a, b = (v[0] for v in gaussian.ledoit_wolf(xc[:, None, :]))
+    return a * (xc.T @ xc) + b * np.eye(x.shape[1]), float(1.0 - a * len(x))
 
 
 def mahalanobis(f: jax.Array, mean: jax.Array, precision: jax.Array) -> jax.Array:
