@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxad.features import resize_bilinear
+from jaxad.nets.conv import Conv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,9 +41,8 @@ def avg_pool_2x2(x: jax.Array, pad: int) -> jax.Array:
     return summed / 4.0
 
 
-def _conv(features: int, kernel: int, pad: int, name: str) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), kernel_init=TORCH_CONV_INIT,
-                   name=name)
+def _conv(x: jax.Array, features: int, kernel: int, pad: int, name: str, stride: int = 1) -> jax.Array:
+    return Conv(features, kernel, pad, stride, kernel_init=TORCH_CONV_INIT, name=name)(x)
 
 
 # (out channels or "C", kernel, padding of the padded variant); "pool" = AvgPool(2, 2, padding 1).
@@ -73,8 +73,8 @@ class PDN(nn.Module):
                 x = avg_pool_2x2(x, 1 if self.padded else 0)
                 continue
             features, kernel, pad = layer
-            x = _conv(self.out_channels if features == "C" else features, kernel, pad if self.padded else 0,
-                      f"conv{n + 1}")(x)
+            x = _conv(x, self.out_channels if features == "C" else features, kernel, pad if self.padded else 0,
+                      f"conv{n + 1}")
             n += 1
             if n < len(convs):
                 x = nn.relu(x)
@@ -120,13 +120,12 @@ class Autoencoder(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         sizes = decoder_sizes(x.shape[1:3])
         for i, c in enumerate((32, 32, 64, 64, 64)):
-            x = nn.relu(nn.Conv(c, (4, 4), (2, 2), padding=((1, 1), (1, 1)), kernel_init=TORCH_CONV_INIT,
-                                name=f"enc{i + 1}")(x))
-        x = nn.Conv(64, x.shape[1:3], padding="VALID", kernel_init=TORCH_CONV_INIT, name="enc6")(x)
+            x = nn.relu(_conv(x, c, 4, 1, f"enc{i + 1}", stride=2))
+        x = nn.Conv(64, x.shape[1:3], padding="VALID", kernel_init=TORCH_CONV_INIT, name="enc6")(x)  # → 1×1
         for i, hw in enumerate(sizes[:-1]):
             x = resize_bilinear(x, hw)
-            x = nn.relu(_conv(64, 4, 2, f"dec{i + 1}")(x))
+            x = nn.relu(_conv(x, 64, 4, 2, f"dec{i + 1}"))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = resize_bilinear(x, sizes[-1])
-        x = nn.relu(_conv(64, 3, 1, "dec7")(x))
-        return _conv(self.out_channels, 3, 1, "dec8")(x)
+        x = nn.relu(_conv(x, 64, 3, 1, "dec7"))
+        return _conv(x, self.out_channels, 3, 1, "dec8")
