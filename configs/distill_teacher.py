@@ -2,7 +2,7 @@
 
 Default: a PDN-S regresses the PatchCore-style embedding of the bundled EfficientNet-Lite0
 (stage2 + stage4, 3×3 local average, 152 channels mapped to 384 by a fixed random projection) on
-the images of ``data`` (any folder, searched recursively). On a CPU keep ``steps`` small; the
+the images of ``data`` (any folders, searched recursively). On a CPU keep ``steps`` small; the
 result is a stand-in, not the paper's teacher.
 
 The paper's setting (run it on an accelerator; bring the WRN101-2 weights once with
@@ -22,7 +22,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.data = ""  # folder of images (recursive); required
+    c.data = ""  # folder of images (recursive), or several separated by commas; required
     c.out = "teachers/lite0_pdn_s"  # teacher folder written (pass it as --config.teacher to efficientad/puad)
     c.workdir = ""  # checkpoints for resuming; empty: <out>/train
     c.pdn = "s"

@@ -12,9 +12,9 @@ say which was used: the reference numbers need the ImageNet penalty.
 
 Schedule: the paper trains 70,000 steps of batch 1 (``--config.train_steps=70000``). The default
 is a CPU schedule: at 256 px one step (student forward/backward on the image and its jittered
-copy, teacher and autoencoder) took about 4-5 s on this project's shared 2-core CPU, so the
-default 40 steps + 20 teacher steps fit a category in a few minutes; such a model is far from
-converged. Use an accelerator for real runs.
+copy, teacher and autoencoder) takes about 3 s on a 2-core CPU and a stand-in teacher step
+(batch 4) about 4.5 s, so the default 40 steps + 20 teacher steps fit a category in about five
+minutes; such a model is far from converged. Use an accelerator for real runs.
 """
 
 import ml_collections

@@ -1,6 +1,6 @@
 """Distil an EfficientAD teacher PDN from a backbone on a folder of images.
 
-    python scripts/distill_teacher.py --config.data=DIR [--config.out=TEACHER] [--config.KEY=VALUE ...]
+    python scripts/distill_teacher.py --config.data=DIR[,DIR...] [--config.out=TEACHER] [--config.KEY=VALUE ...]
 
 Writes the TEACHER folder (PDN parameters + target normalisation), to be used as
 ``python scripts/fit.py --method efficientad --config.teacher=TEACHER``. Interrupted runs resume
@@ -28,7 +28,7 @@ def main() -> int:
     args = parser.parse_args(argv)
     config = apply_overrides(load_config(args.config_file), overrides)
     if not config.data:
-        raise ConfigError("--config.data: give the folder of images to distil on")
+        raise ConfigError("--config.data: give the folder (or comma-separated folders) of images to distil on")
     settings = distillation.Settings(
         pdn=config.pdn, backbone=config.backbone, taps=tuple(config.taps), aggregate=config.aggregate,
         projection=config.projection, image_size=config.image_size, target_size=config.target_size,
@@ -36,7 +36,7 @@ def main() -> int:
         grayscale=config.grayscale, stats_images=config.stats_images, seed=config.seed)
     out = Path(config.out)
     distillation.check_new_teacher_folder(out)
-    paths = distillation.image_files(config.data)
+    paths = [p for folder in config.data.split(",") if folder.strip() for p in distillation.image_files(folder.strip())]
     side = max(config.image_size, config.target_size)
     backbone = backbones.load(config.backbone, config.weights or None)
     teacher = distillation.distil(

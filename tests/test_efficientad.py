@@ -163,9 +163,11 @@ def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys
     root = synthetic.generate(tmp_path / "data", seed=4, categories=["gear"], image_size=64, n_train=6,
                               n_test_good=1, n_per_defect=1)
     teacher = tmp_path / "teacher"
-    distil = [f"--config.data={root / 'gear' / 'train'}", f"--config.out={teacher}", "--config.image_size=64",
+    folders = f"{root / 'gear' / 'train'},{root / 'gear' / 'test' / 'good'}"  # 6 + 1 images
+    distil = [f"--config.data={folders}", f"--config.out={teacher}", "--config.image_size=64",
               "--config.target_size=64", "--config.steps=2", "--config.batch_size=2", "--config.stats_images=4"]
     assert run_cli("distill_teacher.py", *distil) == 0
+    assert "(7 images, 2 steps)" in capsys.readouterr().out
     written = (teacher / "teacher.json").read_text()
     assert run_cli("distill_teacher.py", *distil) == 2
     assert "already holds a teacher" in capsys.readouterr().err and (teacher / "teacher.json").read_text() == written
