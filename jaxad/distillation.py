@@ -212,7 +212,7 @@ def save_teacher(path: str | Path, settings: Settings, teacher: dict) -> Path:
 
 def load_teacher(path: str | Path) -> tuple[Settings, dict]:
     """Read a teacher folder written by :func:`save_teacher` → (settings, {'params', 'mean', 'std'})."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().resolve()  # orbax reads absolute paths only
     if not (path / "teacher.json").is_file() or not (path / "arrays").is_dir():
         raise ConfigError(f"{path}: not a teacher folder (teacher.json and arrays/ missing); "
                           "make one with scripts/distill_teacher.py or leave --config.teacher empty")

@@ -159,7 +159,7 @@ def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
     assert "distilled here" in history["teacher"]
 
 
-def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys):
+def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys, monkeypatch):
     root = synthetic.generate(tmp_path / "data", seed=4, categories=["gear"], image_size=64, n_train=6,
                               n_test_good=1, n_per_defect=1)
     teacher = tmp_path / "teacher"
@@ -172,9 +172,10 @@ def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys
     assert run_cli("distill_teacher.py", *distil) == 2
     assert "already holds a teacher" in capsys.readouterr().err and (teacher / "teacher.json").read_text() == written
     workdir = tmp_path / "w"
+    monkeypatch.chdir(tmp_path)  # a relative teacher path works too
     assert run_cli("fit.py", "--method", "efficientad", "--data", root / "gear", "--workdir", workdir, *TINY,
-                   f"--config.teacher={teacher}") == 0
-    assert json.loads((workdir / "train_history.json").read_text())["teacher"] == f"file {teacher}"
+                   "--config.teacher=teacher") == 0
+    assert json.loads((workdir / "train_history.json").read_text())["teacher"] == "file teacher"
     assert run_cli("fit.py", "--method", "efficientad", "--data", root / "gear", "--workdir", tmp_path / "w2", *TINY,
                    f"--config.teacher={teacher}", "--config.pdn=m") == 2
     assert "PDN-S" in capsys.readouterr().err
