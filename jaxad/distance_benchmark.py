@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxad import sampling, timing
+from jaxad import report, sampling, timing
 from jaxad.distances import crd, knn
 
 QUERIES = 10_000
@@ -92,11 +92,9 @@ def crossover(rows: Sequence[dict[str, float]], key: str = "nn_s") -> float | No
 
 def section(rows: Sequence[dict[str, float]], peak: float, command: str, machine: str, plots: Sequence[str]) -> str:
     """Markdown: per (d, n) timings, GFLOP/s against the peak, bytes kept, speed-ups, crossovers."""
-    from jaxad import report
-
     lines = [
         "## Distance cost: CRD vs exact and 1%-coreset nearest neighbour", "",
-        f"Command: `{command}`  ", f"Machine: {machine}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
+        f"Command: {report.code_span(command)}  ", f"Machine: {machine}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
         f"Seconds to score 10⁴ query patches on synthetic features; measured float32 matmul peak: {peak:.1f} GFLOP/s. "
         "CRD costs 2·q·d² FLOPs, exact NN 2·q·n·d (ideal ratio n/d). NN rows timed on fewer queries where "
         "noted and scaled linearly.", "",

@@ -323,6 +323,14 @@ def _cell(value: Any, floatfmt: str) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def code_span(text: str) -> str:
+    """Markdown inline code for ``text``, fenced with one backtick more than its longest run of
+    backticks, so a command whose arguments contain backticks still renders as one span."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence, pad = "`" * (longest + 1), " " if longest else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = ".4f") -> str:
     """A GitHub markdown table; numbers right-aligned, NaN as n/a, missing cells empty."""
     numeric = [

@@ -89,3 +89,8 @@ def test_markdown_table():
         "| bottle | 0.999 | 209 | a\\|b |\n"
         "| tile | n/a | 762 |  |"
     )
+
+
+def test_code_span_survives_backticks_inside():
+    assert report.code_span("fit.py --x 1") == "`fit.py --x 1`"
+    assert report.code_span("bench --note 'run `a` then ``b``'") == "``` bench --note 'run `a` then ``b``' ```"
