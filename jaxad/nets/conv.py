@@ -1,12 +1,12 @@
 """A 2-D convolution layer whose backward pass is fast on XLA's CPU backend.
 
 XLA computes a convolution's weight gradient as another convolution whose "kernel" is the whole
-output gradient. On CPU that runs through a slow generic path: for PDN-S's second layer at
-256 px it takes about 10× the forward time, and about 300× when the padding is built into the
-convolution. This layer pads explicitly, and for stride 1 it computes the weight gradient as k²
-matrix products of shifted input windows with the output gradient (2–3× faster on CPU than XLA's
-own, and plain matmuls on GPU/TPU too). Values and gradients equal ``flax.linen.Conv``'s with the
-same padding; parameters have the same names and shapes (``kernel`` HWIO, ``bias``).
+output gradient. On CPU that runs through a slow generic path, far slower than the forward pass
+for PDN-S's 4×4 layers, and slower still when the padding is built into the convolution. This
+layer pads explicitly, and for stride 1 it computes the weight gradient as k² matrix products of
+shifted input windows with the output gradient (plain matmuls on GPU/TPU too). Values and
+gradients equal ``flax.linen.Conv``'s with the same padding; parameters have the same names and
+shapes (``kernel`` HWIO, ``bias``).
 """
 
 from __future__ import annotations
