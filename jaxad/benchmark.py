@@ -12,7 +12,6 @@ import platform
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,8 +147,7 @@ def few_shot_section(title: str, command: str, rows: list[dict[str, Any]], plots
     """Markdown for a few-shot sweep: accuracy against the number of training images."""
     columns = ["dataset", "method", "n_train", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "fit_seconds"]
     table = sorted(rows, key=lambda r: (r["dataset"], r["method"], few_shot_base(r["variant"]), r["n_train"]))
-    lines = [f"## {title}", "", f"Command: {report.code_span(command)}  ", f"Machine: {machine()}  ",
-             f"Date: {time.strftime('%Y-%m-%d')}", "", report.markdown_table(table, columns), "",
+    lines = [f"## {title}", "", *report.provenance(command, machine()), "", report.markdown_table(table, columns), "",
              "Training images drawn at random (seeded) from the normal training set; the test set is whole. "
              + " ".join(f"![{p.stem}]({os.path.relpath(p, link_root)})" for p in plots), ""]
     if notes:
@@ -173,7 +171,7 @@ def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes
     (relative to ``link_root``, the folder of the markdown file)."""
     lines = [
         f"## {title}", "",
-        f"Command: {report.code_span(command)}  ", f"Machine: {machine()}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
+        *report.provenance(command, machine()), "",
         report.markdown_table(rows, COLUMNS), "",
     ]
     per_defect = [

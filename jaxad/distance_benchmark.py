@@ -94,7 +94,7 @@ def section(rows: Sequence[dict[str, float]], peak: float, command: str, machine
     """Markdown: per (d, n) timings, GFLOP/s against the peak, bytes kept, speed-ups, crossovers."""
     lines = [
         "## Distance cost: CRD vs exact and 1%-coreset nearest neighbour", "",
-        f"Command: {report.code_span(command)}  ", f"Machine: {machine}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
+        *report.provenance(command, machine), "",
         f"Seconds to score 10⁴ query patches on synthetic features; measured float32 matmul peak: {peak:.1f} GFLOP/s. "
         "CRD costs 2·q·d² FLOPs, exact NN 2·q·n·d (ideal ratio n/d). NN rows timed on fewer queries where "
         "noted and scaled linearly.", "",

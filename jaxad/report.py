@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,11 @@ def code_span(text: str) -> str:
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence, pad = "`" * (longest + 1), " " if longest else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def provenance(command: str, machine: str) -> list[str]:
+    """The lines under a benchmark heading that say how to rerun it, where and when it ran."""
+    return [f"Command: {code_span(command)}  ", f"Machine: {machine}  ", f"Date: {time.strftime('%Y-%m-%d')}"]
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = ".4f") -> str:

@@ -163,7 +163,7 @@ def _backbone_section(rows: list[dict], errors: list[dict], command: str, note: 
     columns = ["backbone", "taps", "size", "batch", "jaxad", "jaxad_bf16", "torch_eager", "torch_compile", "jaxad_over_torch"]
     return "\n".join([
         "## Feature extraction: jaxad (jit) against torchvision/timm, images per second", "",
-        f"Command: {report.code_span(command)}  ", f"Machine: {benchmark.machine()}, torch threads = CPU cores", "",
+        *report.provenance(command, f"{benchmark.machine()}, torch threads = CPU cores"), "",
         report.markdown_table(rows, columns), "",
         "Random weights; the forward stops at the deepest tap on both sides (torchvision's "
         "create_feature_extractor, timm's features_only). bfloat16: compute in bf16, parameters and "
@@ -187,7 +187,7 @@ def coreset(args: argparse.Namespace, command: str) -> int:
     section = args.section or "coreset"
     body = "\n".join([
         "## Greedy coreset subsampling (d=152 projected to 128, on device)", "",
-        f"Command: {report.code_span(command)}  ", f"Machine: {benchmark.machine()}", "",
+        *report.provenance(command, benchmark.machine()), "",
         report.markdown_table(rows, ["n", "ratio", "coreset", "seconds", "how", "ms_per_step", "gb_per_s"]), "",
         "Each greedy step reads every projected point once, so it is memory-bound: gb_per_s is the "
         "achieved read bandwidth. 'extrapolated' rows were not run to the end: setup plus per-step cost "
