@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,6 +32,22 @@ def images_per_second(name: str, taps: tuple[str, ...], size: int, batch: int, d
     bb = backbones.random_init(name, dtype=dtype)
     images = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32))
     return batch / timing.median_seconds(lambda: bb(images, taps), repeats)
+
+
+def gflop_per_image(name: str, taps: tuple[str, ...], size: int) -> float:
+    """Floating-point operations of one image's forward as XLA counts them (a multiply-add is 2)."""
+    bb = backbones.random_init(name)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    cost = jax.jit(bb.features_fn(taps)).lower(bb.variables, images).compile().cost_analysis()
+    return float(cost["flops"]) / 1e9
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Rate of a jitted n×n float32 matmul: what the dense kernels of this machine can reach, the
+    yardstick for a backbone's achieved GFLOP/s."""
+    a = jnp.asarray(np.random.default_rng(0).random((n, n), dtype=np.float32))
+    matmul = jax.jit(jnp.matmul)
+    return 2 * n**3 / timing.median_seconds(lambda: matmul(a, a), repeats) / 1e9
 
 
 def bfloat16_error(name: str, taps: tuple[str, ...], size: int) -> dict[str, float]:
