@@ -33,11 +33,28 @@ def prepare_workdir(workdir: str | Path) -> Path:
     return workdir
 
 
+def save_arrays(path: str | Path, tree: Any) -> None:
+    """Write a pytree of arrays to the orbax folder ``path`` (replacing one there)."""
+    path = Path(path).expanduser().resolve()  # orbax takes absolute paths only
+    ocp.PyTreeCheckpointer().save(path, jax.device_get(tree), force=True)
+
+
+def load_arrays(path: str | Path) -> Any:
+    """Read back what :func:`save_arrays` wrote, as numpy arrays on the host."""
+    path = Path(path).expanduser().resolve()
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, restore_args=restore_args)
+
+
 def save(workdir: Path, config: ml_collections.ConfigDict, state: Any) -> None:
     """Write ``config.json`` and the state pytree (replacing a previous one of this workdir)."""
     workdir = Path(workdir).resolve()
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
-    ocp.PyTreeCheckpointer().save(workdir / "state", jax.device_get(state), force=True)
+    save_arrays(workdir / "state", state)
 
 
 def load(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
@@ -46,14 +63,7 @@ def load(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
     if not (workdir / "config.json").is_file() or not (workdir / "state").is_dir():
         raise ConfigError(f"{workdir}: no fitted model here (config.json and state/ missing); run scripts/fit.py first")
     raw = json.loads((workdir / "config.json").read_text())
-    config = ml_collections.ConfigDict(_tuples(raw))
-    checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(workdir / "state")
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = checkpointer.restore(workdir / "state", restore_args=restore_args)
-    return config, state
+    return ml_collections.ConfigDict(_tuples(raw)), load_arrays(workdir / "state")
 
 
 def _tuples(node: Any) -> Any:

@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from PIL import Image
 
-from jaxad import features, parallel, training
+from jaxad import checkpoint, features, parallel, training
 from jaxad.backbones import Backbone
 from jaxad.data.images import IMAGE_EXTENSIONS, read_image
 from jaxad.errors import ConfigError, DataError
@@ -205,22 +204,17 @@ def save_teacher(path: str | Path, settings: Settings, teacher: dict) -> Path:
     """Write a teacher folder (``teacher.json`` + orbax ``arrays/``); returns its path."""
     path = Path(path).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
-    ocp.PyTreeCheckpointer().save(path / "arrays", jax.device_get(teacher), force=True)
+    checkpoint.save_arrays(path / "arrays", teacher)
     (path / "teacher.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
     return path
 
 
 def load_teacher(path: str | Path) -> tuple[Settings, dict]:
     """Read a teacher folder written by :func:`save_teacher` → (settings, {'params', 'mean', 'std'})."""
-    path = Path(path).expanduser().resolve()  # orbax reads absolute paths only
+    path = Path(path).expanduser()
     if not (path / "teacher.json").is_file() or not (path / "arrays").is_dir():
         raise ConfigError(f"{path}: not a teacher folder (teacher.json and arrays/ missing); "
                           "make one with scripts/distill_teacher.py or leave --config.teacher empty")
     raw = json.loads((path / "teacher.json").read_text())
     settings = Settings(**{**raw, "taps": tuple(raw["taps"])})
-    checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(path / "arrays")
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return settings, checkpointer.restore(path / "arrays", restore_args=restore_args)
+    return settings, checkpoint.load_arrays(path / "arrays")
