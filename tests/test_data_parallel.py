@@ -84,3 +84,38 @@ def test_cpr_local_branch_training_is_data_parallel():
         for x, y in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(sharded["params"]), strict=True):
             assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 2 * 1e-3 * config.train_steps
     """)
+
+
+def test_simplenet_heads_training_is_data_parallel():
+    """SimpleNet's step splits its images over the devices; BatchNorm statistics, losses and the
+    selected heads equal the one-device ones."""
+    _run("""
+        import json, tempfile
+        from pathlib import Path
+        from jaxad.config import load_config
+        from jaxad.data import Batch
+        from jaxad.methods import simplenet
+        config = load_config("configs/simplenet.py")
+        config.update(image_size=64, train_steps=3, validate_every=1, train_batch_size=8, hidden_dim=32,
+                      target_dim=64, batch_size=4)
+        bb = backbones.load(config.backbone)
+        images = np.random.default_rng(2).random((12, 64, 64, 3)).astype(np.float32)
+        data = [Batch(images[i:i + 4], None, np.zeros(4, np.int32), np.ones(4, bool), tuple(map(str, range(4))))
+                for i in range(0, 12, 4)]
+
+        def run(mesh):
+            config.workdir = tempfile.mkdtemp()
+            state = simplenet.fit(config, data, bb, mesh=mesh)
+            history = json.loads((Path(config.workdir) / "train_history.json").read_text())["history"]
+            return state, np.array([[h["loss"], h["val_loss"]] for h in history])
+
+        (single, h1), (sharded, h8) = run(one), run(eight)
+        assert all(x.sharding.num_devices == 8 for x in jax.tree.leaves(sharded["adaptor"]))
+        assert h1.shape == (3, 2)
+        np.testing.assert_allclose(h8[:, 0], h1[:, 0], rtol=1e-4)  # same training losses, step by step
+        np.testing.assert_allclose(h8[:, 1], h1[:, 1], rtol=1e-3)  # validation after updates (Adam: see below)
+        assert_same_params(single["batch_stats"], sharded["batch_stats"], atol=1e-4)
+        for name in ("adaptor", "discriminator"):  # Adam: at most ~lr per step where gradients are ~0
+            for x, y in zip(jax.tree.leaves(single[name]), jax.tree.leaves(sharded[name]), strict=True):
+                assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 2 * 2e-4 * config.train_steps
+    """)

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxad import backbones, checkpoint, training
+from jaxad import backbones, checkpoint, parallel, training
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.data import iterate_batches, open_dataset, synthetic
 from jaxad.errors import ConfigError
@@ -129,7 +129,8 @@ def _toy(config, n=6, d=8):
     plane = rng.normal(size=(2, d))
     train = jnp.asarray((rng.normal(size=(n * 16, 2)) @ plane).reshape(n, 4, 4, d), jnp.float32)
     val = jnp.asarray((rng.normal(size=(32, 2)) @ plane).reshape(2, 16, d), jnp.float32)
-    return simplenet.make_step(config, train, val), simplenet.init_state(config, d, jax.random.key(0))
+    mesh = parallel.batch_mesh(jax.devices()[:1])
+    return simplenet.make_step(config, train, val, mesh), simplenet.init_state(config, d, jax.random.key(0))
 
 
 def test_noise_is_fresh_every_step():

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,8 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from jaxad import features, postprocess, training
+from jaxad import features, parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
 from jaxad.errors import ConfigError, NumericsError
@@ -227,11 +229,10 @@ def batch_indices(config: ml_collections.ConfigDict, step: jax.Array, count: int
     return jax.lax.dynamic_slice(order, ((step % per_epoch) * size,), (size,))
 
 
-@partial(jax.jit, static_argnums=0)
-def _step(config: ml_collections.FrozenConfigDict, state: dict, key: jax.Array,
+def _step(config: ml_collections.FrozenConfigDict, shard: Callable[[Any], Any], state: dict, key: jax.Array,
           train_features: jax.Array, val_features: jax.Array) -> tuple[dict, dict]:
     idx = batch_indices(config, state["step"], train_features.shape[0])
-    f = train_features[idx].reshape(-1, train_features.shape[-1])
+    f = shard(train_features[idx]).reshape(-1, train_features.shape[-1])  # image-major: the split survives
     noise = anomalous_noise(key, f.shape, config.noise_std)
     grad_fn = jax.value_and_grad(partial(training_loss, config), has_aux=True)
     (_, (batch_stats, metrics)), grads = grad_fn(state["params"], state["batch_stats"], f, noise)
@@ -245,12 +246,17 @@ def _step(config: ml_collections.FrozenConfigDict, state: dict, key: jax.Array,
     return state, {**metrics, "val_loss": state["last_loss"]}
 
 
-def make_step(config: ml_collections.ConfigDict, train_features: jax.Array, val_features: jax.Array):
-    """The pure jitted ``(state, batch, key) -> (state, metrics)`` for ``training.train``. The batch
-    is unused: images are picked by :func:`batch_indices` from the precomputed features [n, h, w, d]
-    (train) and [m, h·w, d] (validation), which stay on the device between steps."""
+def make_step(config: ml_collections.ConfigDict, train_features: jax.Array, val_features: jax.Array,
+              mesh: Mesh) -> Callable:
+    """The jitted ``(state, batch, key) -> (state, metrics)`` for ``training.train``. The batch is
+    unused: images are picked by :func:`batch_indices` from the precomputed features [n, h, w, d]
+    (train) and [m, h·w, d] (validation), which stay on the devices of ``mesh`` between steps; each
+    device takes a slice of the step's images, and the gradients and BatchNorm statistics are
+    all-reduced, so the step computes what one device would."""
     frozen = ml_collections.FrozenConfigDict(config)
-    return lambda state, _batch, key: _step(frozen, state, key, train_features, val_features)
+    train_features, val_features = parallel.replicate((train_features, val_features), mesh)
+    step = jax.jit(partial(_step, frozen, parallel.along_batch(mesh)))
+    return lambda state, _batch, key: step(state, key, train_features, val_features)
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
@@ -285,10 +291,11 @@ def fit(
     config: ml_collections.ConfigDict,
     batches: Iterable[Batch],
     backbone: Backbone,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: Mesh | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Precompute features, hold out a validation split, train the heads, keep the selected ones."""
+    """Precompute features, hold out a validation split, train the heads (data-parallel over
+    ``mesh``, default: the devices that divide the image batch), keep the selected ones."""
     _check(config)
     dim = embedding_dim(config, backbone)
     start = time.perf_counter()
@@ -301,10 +308,13 @@ def fit(
     train_features = jnp.asarray(feats[train_idx])
     val_features = jnp.asarray(feats[val_idx].reshape(len(val_idx), -1, dim))
     key_init, key_train = jax.random.split(jax.random.key(config.seed))
+    if mesh is None:
+        mesh = parallel.training_mesh(min(config.train_batch_size, len(train_idx)))
     workdir = Path(config.workdir) if "workdir" in config else None
     start = time.perf_counter()
+    state = parallel.replicate(init_state(config, dim, key_init), mesh)
     state, history = training.train(
-        make_step(config, train_features, val_features), init_state(config, dim, key_init),
+        make_step(config, train_features, val_features, mesh), state,
         itertools.repeat(None), config.train_steps, key_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
         desc="simplenet", log_every=config.validate_every)  # logged steps are validated steps: val_loss is fresh
