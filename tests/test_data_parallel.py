@@ -22,6 +22,25 @@ def assert_same_params(a, b, atol):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert x.sharding.num_devices == 1 or y.sharding.num_devices == 1
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol)
+
+def fit_on_one_and_eight(method, config, columns, seed):
+    # fit on 12 random 64-px images with one device, then eight; per run: the fitted state and
+    # the `columns` of its training history, step by step
+    import json, tempfile
+    from pathlib import Path
+    from jaxad.data import Batch
+    bb = backbones.load(config.backbone)
+    images = np.random.default_rng(seed).random((12, 64, 64, 3)).astype(np.float32)
+    data = [Batch(images[i:i + 4], None, np.zeros(4, np.int32), np.ones(4, bool), tuple(map(str, range(4))))
+            for i in range(0, 12, 4)]
+
+    def run(mesh):
+        config.workdir = tempfile.mkdtemp()
+        state = method.fit(config, data, bb, mesh=mesh)
+        history = json.loads((Path(config.workdir) / "train_history.json").read_text())["history"]
+        return state, np.array([[h[c] for c in columns] for h in history])
+
+    return run(one), run(eight)
 """
 
 
@@ -55,26 +74,12 @@ def test_cpr_local_branch_training_is_data_parallel():
     """CPR's pairs are synthesised on the device and sharded inside the step; BatchNorm statistics
     and gradients over the sharded batch equal the one-device ones."""
     _run("""
-        import json, tempfile
-        from pathlib import Path
         from jaxad.config import load_config
-        from jaxad.data import Batch
         from jaxad.methods import cpr
         config = load_config("configs/cpr_faster.py")
         config.update(image_size=64, train_steps=2, validate_every=1, train_batch_size=8, procedural_textures=4,
                       kmeans_samples=2000, kmeans_restarts=1, foreground_samples=500, batch_size=4)
-        bb = backbones.load(config.backbone)
-        images = np.random.default_rng(1).random((12, 64, 64, 3)).astype(np.float32)
-        data = [Batch(images[i:i + 4], None, np.zeros(4, np.int32), np.ones(4, bool), tuple(map(str, range(4))))
-                for i in range(0, 12, 4)]
-
-        def run(mesh):
-            config.workdir = tempfile.mkdtemp()
-            state = cpr.fit(config, data, bb, mesh=mesh)
-            history = json.loads((Path(config.workdir) / "train_history.json").read_text())["history"]
-            return state, np.array([[h["loss"], h["val_auroc"]] for h in history])
-
-        (single, h1), (sharded, h8) = run(one), run(eight)
+        (single, h1), (sharded, h8) = fit_on_one_and_eight(cpr, config, ("loss", "val_auroc"), seed=1)
         assert all(x.sharding.num_devices == 8 for x in jax.tree.leaves(sharded["params"]))
         assert h1.shape == (2, 2)
         np.testing.assert_allclose(h8, h1, rtol=1e-4)  # same losses, same validation, step by step
@@ -90,26 +95,12 @@ def test_simplenet_heads_training_is_data_parallel():
     """SimpleNet's step splits its images over the devices; BatchNorm statistics, losses and the
     selected heads equal the one-device ones."""
     _run("""
-        import json, tempfile
-        from pathlib import Path
         from jaxad.config import load_config
-        from jaxad.data import Batch
         from jaxad.methods import simplenet
         config = load_config("configs/simplenet.py")
         config.update(image_size=64, train_steps=3, validate_every=1, train_batch_size=8, hidden_dim=32,
                       target_dim=64, batch_size=4)
-        bb = backbones.load(config.backbone)
-        images = np.random.default_rng(2).random((12, 64, 64, 3)).astype(np.float32)
-        data = [Batch(images[i:i + 4], None, np.zeros(4, np.int32), np.ones(4, bool), tuple(map(str, range(4))))
-                for i in range(0, 12, 4)]
-
-        def run(mesh):
-            config.workdir = tempfile.mkdtemp()
-            state = simplenet.fit(config, data, bb, mesh=mesh)
-            history = json.loads((Path(config.workdir) / "train_history.json").read_text())["history"]
-            return state, np.array([[h["loss"], h["val_loss"]] for h in history])
-
-        (single, h1), (sharded, h8) = run(one), run(eight)
+        (single, h1), (sharded, h8) = fit_on_one_and_eight(simplenet, config, ("loss", "val_loss"), seed=2)
         assert all(x.sharding.num_devices == 8 for x in jax.tree.leaves(sharded["adaptor"]))
         assert h1.shape == (3, 2)
         np.testing.assert_allclose(h8[:, 0], h1[:, 0], rtol=1e-4)  # same training losses, step by step
