@@ -155,6 +155,7 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
             except Exception as e:  # noqa: BLE001  (torch.compile's failures are reported, not fatal)
                 row["torch_compile"] = f"failed: {type(e).__name__}"
             row["jaxad_gflops"] = row["jaxad"] * gflop
+            row["of_matmul"] = row["jaxad_gflops"] / reference
             row["jaxad_over_torch"] = row["jaxad"] / row["torch_eager"]
             compiled = row["torch_compile"]
             row["jaxad_over_compile"] = row["jaxad"] / compiled if isinstance(compiled, float) else "–"
@@ -168,24 +169,38 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def _verdict(rows: list[dict], column: str) -> str:
+    """Which rows jaxad matches or beats on ``column``, and which it does not."""
+    ratio = {"torch_eager": "jaxad_over_torch", "torch_compile": "jaxad_over_compile"}[column]
+    timed = [r for r in rows if isinstance(r[ratio], float)]
+    name = lambda r: f"{r['backbone']} b{r['batch']}"  # noqa: E731
+    wins = ", ".join(name(r) for r in timed if r[ratio] >= 1) or "none"
+    losses = ", ".join(name(r) for r in timed if r[ratio] < 1) or "none"
+    return f"jaxad ≥ {column} in: {wins}; below it in: {losses}."
+
+
 def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float, command: str,
                       note: str = "") -> str:
-    columns = ["backbone", "taps", "size", "batch", "gflop", "jaxad", "jaxad_gflops", "jaxad_bf16", "torch_eager",
-               "torch_compile", "jaxad_over_torch", "jaxad_over_compile"]
+    columns = ["backbone", "taps", "size", "batch", "gflop", "jaxad", "jaxad_gflops", "of_matmul", "jaxad_bf16",
+               "torch_eager", "torch_compile", "jaxad_over_torch", "jaxad_over_compile"]
     return "\n".join([
         "## Feature extraction: jaxad (jit) against torchvision/timm, images per second", "",
         *report.provenance(command, f"{benchmark.machine()}, torch threads = CPU cores"), "",
         report.markdown_table(rows, columns), "",
         "Random weights; the forward stops at the deepest tap on both sides (torchvision's "
         "create_feature_extractor, timm's features_only). `gflop`: XLA's count of floating-point "
-        "operations per image; `jaxad_gflops`: the rate the jaxad forward achieves, to set against "
-        f"a 2048×2048 float32 matmul on the same machine in the same run: {matmul_gflops:.0f} GFLOP/s.", "",
-        "What limits the ratio: a backbone whose `jaxad_gflops` is near the matmul rate is bound by "
-        "arithmetic, where both sides call dense CPU kernels of similar speed (XLA's Eigen, torch's "
-        "oneDNN) and the ratio cannot move far from 1 without doing fewer operations. Well below that "
-        "rate, the time goes to memory traffic and per-layer overhead (small networks, batch 1), where "
-        "XLA's fusion of BatchNorm, activations and the depthwise convolutions (shifted multiply-adds "
-        "on CPU) saves passes over memory that eager dispatch makes; torch.compile fuses too (its column).", "",
+        "operations per image; `jaxad_gflops`: the rate the jaxad forward achieves; `of_matmul`: that "
+        f"rate over the rate of a 2048×2048 float32 matmul on the same machine in the same run "
+        f"({matmul_gflops:.0f} GFLOP/s).", "",
+        _verdict(rows, "torch_eager") + " " + _verdict(rows, "torch_compile"), "",
+        "What limits the ratio. A row with a large `of_matmul` is bound by the arithmetic of its "
+        "convolutions, which XLA:CPU hands to Eigen's kernels and torch to oneDNN's: where oneDNN's "
+        "kernel is faster for a shape, fusion cannot make it up, and only doing fewer operations "
+        "(e.g. Winograd transforms for the 3×3 convolutions) would. A row with a small `of_matmul` "
+        "spends its time on memory traffic (dense concatenations, depthwise convolutions, batch-16 "
+        "maps that leave the cache) and per-layer overhead; there XLA fuses BatchNorm, activations "
+        "and the depthwise convolutions (shifted multiply-adds on CPU) into few passes, which pays "
+        "most against eager dispatch, while torch.compile fuses too.", "",
         "bfloat16 computes in bf16 with float32 parameters and outputs; it gains nothing on a CPU "
         "without native bf16 arithmetic. Its error on the tapped maps (max |bf16 − f32| / max |f32|):", "",
         report.markdown_table(errors, sorted({k for e in errors for k in e}, key=lambda k: (k != "backbone", k))),
