@@ -42,14 +42,6 @@ def gflop_per_image(name: str, taps: tuple[str, ...], size: int) -> float:
     return float(cost["flops"]) / 1e9
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Rate of a jitted n×n float32 matmul: what the dense kernels of this machine can reach, the
-    yardstick for a backbone's achieved GFLOP/s."""
-    a = jnp.asarray(np.random.default_rng(0).random((n, n), dtype=np.float32))
-    matmul = jax.jit(jnp.matmul)
-    return 2 * n**3 / timing.median_seconds(lambda: matmul(a, a), repeats) / 1e9
-
-
 def bfloat16_error(name: str, taps: tuple[str, ...], size: int) -> dict[str, float]:
     """Per tap: max |bf16 − f32| over max |f32| on the same random weights and images."""
     full, half = backbones.random_init(name), backbones.random_init(name, dtype=jnp.bfloat16)

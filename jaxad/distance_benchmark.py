@@ -23,13 +23,6 @@ from jaxad.distances import crd, knn
 QUERIES = 10_000
 
 
-def matmul_peak(size: int = 2048) -> float:
-    """Achieved float32 GFLOP/s of a square matmul: the ceiling both distances are measured against."""
-    a = jnp.asarray(np.random.default_rng(0).random((size, size), dtype=np.float32))
-    f = jax.jit(lambda x: jnp.matmul(x, x, precision=jax.lax.Precision.HIGHEST))
-    return 2 * size**3 / timing.median_seconds(lambda: f(a), 5) / 1e9
-
-
 def measure(d: int, n: int, flop_budget: float = 2e11, chunk_size: int = 10_000) -> dict[str, float]:
     """Seconds to score 10⁴ queries with CRD, exact NN and 1%-coreset NN on an n-patch bank.
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxad import backbone_benchmark, backbones, benchmark, cli, distance_benchmark, report
+from jaxad import backbone_benchmark, backbones, benchmark, cli, distance_benchmark, report, timing
 from jaxad.data import find_categories, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def few_shot(args: argparse.Namespace, command: str, configs: dict, datasets: li
 
 
 def distances(args: argparse.Namespace, command: str) -> int:
-    peak = distance_benchmark.matmul_peak()
+    peak = timing.matmul_gflops()
     rows = []
     for d, largest in ((152, args.max_n), (1536, args.max_n / 10)):
         sizes = sorted({int(n) for n in (1e3, 1e4, 1e5, 1.6e5, 1e6, 1e7) if n <= largest})
@@ -139,7 +139,7 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
     rows, errors = [], []
     device = "cpu" if jax.default_backend() == "cpu" else "cuda"
     section = args.section or f"backbones-{jax.default_backend()}"
-    reference = backbone_benchmark.matmul_gflops()
+    reference = timing.matmul_gflops()
     for name, (taps, size) in backbone_benchmark.SETTINGS.items():
         if name not in backbones.names() or (args.backbone and name not in args.backbone):
             continue
@@ -169,14 +169,13 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def _verdict(rows: list[dict], column: str) -> str:
-    """Which rows jaxad matches or beats on ``column``, and which it does not."""
-    ratio = {"torch_eager": "jaxad_over_torch", "torch_compile": "jaxad_over_compile"}[column]
+def _verdict(rows: list[dict], ratio: str, against: str) -> str:
+    """Which rows have jaxad at least as fast as ``against`` (by the ``ratio`` column), which not."""
     timed = [r for r in rows if isinstance(r[ratio], float)]
     name = lambda r: f"{r['backbone']} b{r['batch']}"  # noqa: E731
     wins = ", ".join(name(r) for r in timed if r[ratio] >= 1) or "none"
     losses = ", ".join(name(r) for r in timed if r[ratio] < 1) or "none"
-    return f"jaxad ≥ {column} in: {wins}; below it in: {losses}."
+    return f"jaxad ≥ {against} in: {wins}; below it in: {losses}."
 
 
 def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float, command: str,
@@ -192,7 +191,7 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         "operations per image; `jaxad_gflops`: the rate the jaxad forward achieves; `of_matmul`: that "
         f"rate over the rate of a 2048×2048 float32 matmul on the same machine in the same run "
         f"({matmul_gflops:.0f} GFLOP/s).", "",
-        _verdict(rows, "torch_eager") + " " + _verdict(rows, "torch_compile"), "",
+        _verdict(rows, "jaxad_over_torch", "torch_eager") + " " + _verdict(rows, "jaxad_over_compile", "torch_compile"), "",
         "What limits the ratio. A row with a large `of_matmul` is bound by the arithmetic of its "
         "convolutions, which XLA:CPU hands to Eigen's kernels and torch to oneDNN's: where oneDNN's "
         "kernel is faster for a shape, fusion cannot make it up, and only doing fewer operations "

@@ -1,8 +1,8 @@
-"""The FLOP count and the matmul yardstick behind the backbone speed table."""
+"""The FLOP count and the matmul yardstick behind the speed tables."""
 
 import pytest
 
-from jaxad import backbone_benchmark
+from jaxad import backbone_benchmark, timing
 
 
 def test_gflop_per_image_counts_the_forward_up_to_the_deepest_tap():
@@ -14,4 +14,4 @@ def test_gflop_per_image_counts_the_forward_up_to_the_deepest_tap():
 
 
 def test_matmul_gflops_is_a_positive_rate():
-    assert backbone_benchmark.matmul_gflops(n=128, repeats=2) > 0
+    assert timing.matmul_gflops(size=128, repeats=2) > 0
