@@ -196,10 +196,12 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         "convolutions, which XLA:CPU hands to Eigen's kernels and torch to oneDNN's: where oneDNN's "
         "kernel is faster for a shape, fusion cannot make it up, and only doing fewer operations "
         "(e.g. Winograd transforms for the 3×3 convolutions) would. A row with a small `of_matmul` "
-        "spends its time on memory traffic (dense concatenations, depthwise convolutions, batch-16 "
-        "maps that leave the cache) and per-layer overhead; there XLA fuses BatchNorm, activations "
-        "and the depthwise convolutions (shifted multiply-adds on CPU) into few passes, which pays "
-        "most against eager dispatch, while torch.compile fuses too.", "",
+        "spends its time on memory traffic (dense concatenations, depthwise convolutions) and "
+        "per-layer overhead; there XLA fuses BatchNorm, activations and the depthwise convolutions "
+        "(shifted multiply-adds on CPU) into few passes, which pays most against eager dispatch, "
+        "while torch.compile fuses too. On CPU jaxad runs a batch as a loop over pairs of images "
+        f"(`backbones.registry.CPU_MICRO_BATCH` = {backbones.registry.CPU_MICRO_BATCH}) so that each pair's maps stay "
+        "in the cache; torch takes the batch of 16 at once.", "",
         "bfloat16 computes in bf16 with float32 parameters and outputs; it gains nothing on a CPU "
         "without native bf16 arithmetic. Its error on the tapped maps (max |bf16 − f32| / max |f32|):", "",
         report.markdown_table(errors, sorted({k for e in errors for k in e}, key=lambda k: (k != "backbone", k))),

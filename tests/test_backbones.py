@@ -385,6 +385,18 @@ def test_features_fn_is_pure_inside_a_callers_jit(lite0):
     np.testing.assert_allclose(np.asarray(step(lite0.variables, x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_micro_batches_give_the_whole_batch_result(lite0):
+    # An odd batch: pairs of images in a loop, then the one left over, each in its own place.
+    x = _images(2 * registry.CPU_MICRO_BATCH + 1, 64)
+    looped = lite0(x, TAPS)
+    whole = registry._forward(lite0.module, TAPS, lite0.variables, x)
+    singles = [registry._forward(lite0.module, TAPS, lite0.variables, x[i : i + 1]) for i in range(len(x))]
+    for t in TAPS:
+        assert looped[t].shape == whole[t].shape
+        np.testing.assert_allclose(np.asarray(looped[t]), np.asarray(whole[t]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(looped[t][-1:]), np.asarray(singles[-1][t]), rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_compute_stays_close(cache, lite0):
     x = _images(2, 64)
     fast = backbones.load("efficientnet_lite0", dtype=jnp.bfloat16)(x, TAPS)["stage2"]

@@ -82,11 +82,26 @@ def packaged_weights(module: str, pattern: str, pip_name: str) -> Callable[[], P
     return find
 
 
+CPU_MICRO_BATCH = 2
+"""Images per forward on CPU. XLA:CPU runs a convolution over a large batch as one pass whose
+activations leave the cache; a loop over pairs of images keeps them in it and, on 2 cores, gives
+about twice the throughput at batch 16 for the EfficientNets and 10–25 % more for DenseNet201 and
+WRN50 (BENCHMARKS.md, section backbones-cpu). GPUs and TPUs take the whole batch at once."""
+
+
+def _forward(module: nn.Module, taps: tuple[str, ...], variables: dict, images: jax.Array) -> dict[str, jax.Array]:
+    maps = module.apply(variables, images, taps)
+    return {t: maps[t].astype(jnp.float32) for t in taps}
+
+
 @partial(jax.jit, static_argnums=(0, 1))
 def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     """Compiled once per (module, taps, input shape), shared by every Backbone of that module."""
-    maps = module.apply(variables, jnp.asarray(images, jnp.float32), taps)
-    return {t: maps[t].astype(jnp.float32) for t in taps}
+    images = jnp.asarray(images, jnp.float32)
+    if jax.default_backend() != "cpu" or images.shape[0] <= CPU_MICRO_BATCH:
+        return _forward(module, taps, variables, images)
+    one = lambda image: {t: m[0] for t, m in _forward(module, taps, variables, image[None]).items()}  # noqa: E731
+    return jax.lax.map(one, images, batch_size=CPU_MICRO_BATCH)
 
 
 class Backbone:
