@@ -182,6 +182,15 @@ def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes
         groups = sorted({k for r in per_defect for k in r} - {"dataset", "method", "variant"})
         lines += ["Image AUROC per defect type (each type against all good test images):", "",
                   report.markdown_table(per_defect, ["dataset", "method", "variant", *groups]), ""]
+    per_defect_ap = [
+        {"dataset": r["dataset"], "method": r.get("method", ""), "variant": r["variant"],
+         **{d: v["pixel_ap"] for d, v in r["per_defect_pixel"].items()}}
+        for r in rows if "per_defect_pixel" in r
+    ]
+    if per_defect_ap:
+        groups = sorted({k for r in per_defect_ap for k in r} - {"dataset", "method", "variant"})
+        lines += ["Pixel AP per defect type (each type's images with all good test images):", "",
+                  report.markdown_table(per_defect_ap, ["dataset", "method", "variant", *groups]), ""]
     plots = [(r, p) for r in rows for p in r.get("plots", [])]
     if plots and link_root is not None:
         lines += ["Plots: " + " · ".join(

@@ -269,3 +269,23 @@ def evaluate_by_group(image_scores: Any, labels: Any, groups: Sequence[str]) -> 
         chosen = s[t & (g == name)]
         out[name] = image_auroc(np.concatenate([normal, chosen]), np.arange(normal.size + chosen.size) >= normal.size)
     return out
+
+
+def pixel_metrics_by_group(maps: Any, masks: Any, labels: Any, groups: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Pixel AUROC and AP of each anomalous group's images together with all normal images.
+
+    A dataset's pixel metrics are dominated by the defect type with the largest masks; this shows
+    which type a method localises and which it misses.
+    """
+    m = _scores(maps, "anomaly maps")
+    t = _targets(labels, m.shape[:1], "labels")
+    g = np.array([str(x) for x in groups])
+    if g.shape != t.shape:
+        raise DataError(f"groups have shape {g.shape} but there are {t.size} anomaly maps")
+    out = {}
+    for name in sorted(set(g[t].tolist())):
+        chosen = ~t | (g == name)
+        split = _split(m[chosen], np.asarray(masks)[chosen], ("anomaly maps", "masks"))
+        c = None if _one_class(split) else _curve(split)
+        out[name] = {"pixel_auroc": _auroc(c) if c else float("nan"), "pixel_ap": _ap(c) if c else float("nan")}
+    return out

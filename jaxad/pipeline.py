@@ -96,7 +96,9 @@ def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, wor
     scores, maps, masks = np.concatenate(scores), np.concatenate(maps), np.concatenate(masks)
     labels = np.array([s.label for s in test])
     result = metrics.evaluate(scores, labels, maps, masks)
-    result["per_defect_image_auroc"] = metrics.evaluate_by_group(scores, labels, [s.defect for s in test])
+    defects = [s.defect for s in test]
+    result["per_defect_image_auroc"] = metrics.evaluate_by_group(scores, labels, defects)
+    result["per_defect_pixel"] = metrics.pixel_metrics_by_group(maps, masks, labels, defects)
     result["predict_images_per_second"] = timed_images / model_seconds
     result["n_test"] = len(test)
     idx = sorted(keep)

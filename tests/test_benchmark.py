@@ -42,6 +42,11 @@ def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
     for cells in rows:
         assert float(cells["latency_ms_b1"]) > 0 and float(cells["images_per_s_b16"]) > 0
         assert int(re.sub(r"\D", "", cells["state_bytes"])) > 0
+    ap_top = lines.index("Pixel AP per defect type (each type's images with all good test images):") + 2
+    ap_columns = [c.strip() for c in lines[ap_top].strip("|").split("|")]
+    assert ap_columns[3:] == sorted(ap_columns[3:]) and len(ap_columns) > 3
+    for line in lines[ap_top + 2 : ap_top + 2 + len(rows)]:
+        assert all(0 <= float(c) <= 1 for c in line.strip("|").split("|")[3:] if c.strip())
     for method, variant in (("crd", "small"), ("padim", "default")):
         for kind in ("roc", "map"):
             plot = tmp_path / "benchmarks" / "t" / f"{method}-{variant}-gear_{kind}.png"

@@ -235,6 +235,21 @@ def test_evaluate_by_group_against_all_normal_images():
     assert metrics.evaluate_by_group(scores, labels, groups) == pytest.approx({"a": 1.0, "b": 2.5 / 6})
 
 
+def test_pixel_metrics_by_group_against_all_normal_images():
+    # One pixel per image. Normal maps [0, 1, 2] (no defect pixels). Group a: its defect pixels
+    # score [3, 4] → AUROC 1, AP 1. Group b: [0.5, 1] → AUROC 2.5 / 6 as in the image case.
+    maps = np.array([0, 1, 2, 3, 4, 0.5, 1], np.float32).reshape(7, 1, 1)
+    labels = [0, 0, 0, 1, 1, 1, 1]
+    masks = np.array(labels, bool).reshape(7, 1, 1)
+    groups = ["good", "good", "good", "a", "a", "b", "b"]
+    out = metrics.pixel_metrics_by_group(maps, masks, labels, groups)
+    assert set(out) == {"a", "b"}
+    assert out["a"] == pytest.approx({"pixel_auroc": 1.0, "pixel_ap": 1.0})
+    assert out["b"]["pixel_auroc"] == pytest.approx(2.5 / 6)
+    b_only = metrics.pixel_ap(maps[[0, 1, 2, 5, 6]], masks[[0, 1, 2, 5, 6]])
+    assert out["b"]["pixel_ap"] == pytest.approx(b_only) and b_only < 1
+
+
 def test_single_class_gives_nan():
     out = metrics.evaluate(np.arange(4.0), np.zeros(4))
     assert all(math.isnan(v) for v in out.values())
