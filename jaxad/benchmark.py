@@ -167,8 +167,8 @@ def write_section(path: Path, name: str, body: str) -> None:
 
 def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes: str = "",
                      link_root: Path | None = None) -> str:
-    """Markdown for one benchmark run: what ran where, the table, per-defect AUROCs, plot links
-    (relative to ``link_root``, the folder of the markdown file)."""
+    """Markdown for one benchmark run: what ran where, the table, per-defect image AUROC and pixel
+    AP, plot links (relative to ``link_root``, the folder of the markdown file)."""
     lines = [
         f"## {title}", "",
         *report.provenance(command, machine()), "",
