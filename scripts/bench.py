@@ -199,9 +199,9 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         "spends its time on memory traffic (dense concatenations, depthwise convolutions) and "
         "per-layer overhead; there XLA fuses BatchNorm, activations and the depthwise convolutions "
         "(shifted multiply-adds on CPU) into few passes, which pays most against eager dispatch, "
-        "while torch.compile fuses too. On CPU jaxad runs a batch as a loop over groups of "
-        f"{backbones.registry.CPU_MICRO_BATCH} images (`backbones.registry.CPU_MICRO_BATCH`) so that "
-        "each group's maps stay in the cache; torch takes the batch of 16 at once.", "",
+        "while torch.compile fuses too. On CPU jaxad runs a batch as a loop over pairs of images "
+        f"(`backbones.registry.CPU_MICRO_BATCH` = {backbones.registry.CPU_MICRO_BATCH}) so that "
+        "each pair's maps stay in the cache; torch takes the batch of 16 at once.", "",
         "bfloat16 computes in bf16 with float32 parameters and outputs; it gains nothing on a CPU "
         "without native bf16 arithmetic. Its error on the tapped maps (max |bf16 − f32| / max |f32|):", "",
         report.markdown_table(errors, sorted({k for e in errors for k in e}, key=lambda k: (k != "backbone", k))),
