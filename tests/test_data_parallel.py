@@ -1,4 +1,5 @@
-"""Training steps split over 8 fake CPU devices give the parameters of one device.
+"""Work split over 8 fake CPU devices: training steps give the parameters of one device, and the
+backbone forward keeps each device on its own images.
 
 Each check runs in a fresh process: the number of CPU devices is fixed when JAX starts.
 """
@@ -109,4 +110,16 @@ def test_simplenet_heads_training_is_data_parallel():
         for name in ("adaptor", "discriminator"):  # Adam: at most ~lr per step where gradients are ~0
             for x, y in zip(jax.tree.leaves(single[name]), jax.tree.leaves(sharded[name]), strict=True):
                 assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 2 * 2e-4 * config.train_steps
+    """)
+
+
+def test_backbone_forward_on_a_sharded_batch_gathers_nothing():
+    """Each device extracts features of its own images: no all-gather of the batch in the program."""
+    _run("""
+        bb = backbones.random_init("resnet18")
+        images = parallel.shard_batch(np.zeros((16, 32, 32, 3), np.float32), eight)
+        variables = parallel.replicate(bb.variables, eight)
+        hlo = jax.jit(bb.features_fn("layer1")).lower(variables, images).compile().as_text()
+        assert "all-gather" not in hlo, "the batch is gathered onto every device"
+        assert bb.apply(variables, images, "layer1")["layer1"].sharding.num_devices == 8
     """)

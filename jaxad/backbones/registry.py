@@ -87,7 +87,8 @@ CPU_MICRO_BATCH = 2
 activations leave the cache; looping over pairs of images keeps them in it. Measured on 2 cores
 (BENCHMARKS.md, section backbones-cpu): batch 16 now runs at least at the per-image rate of
 batch 1, where one pass over 16 images had run up to 2× slower per image (EfficientNets).
-GPUs and TPUs take the whole batch at once."""
+GPUs and TPUs take the whole batch at once, and so does a CPU split into several devices, whose
+batch is sharded across them (a loop would gather it)."""
 
 
 def _forward(module: nn.Module, taps: tuple[str, ...], variables: dict, images: jax.Array) -> dict[str, jax.Array]:
@@ -99,7 +100,7 @@ def _forward(module: nn.Module, taps: tuple[str, ...], variables: dict, images: 
 def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     """Compiled once per (module, taps, input shape), shared by every Backbone of that module."""
     images = jnp.asarray(images, jnp.float32)
-    if jax.default_backend() != "cpu" or images.shape[0] <= CPU_MICRO_BATCH:
+    if jax.default_backend() != "cpu" or jax.device_count() > 1 or images.shape[0] <= CPU_MICRO_BATCH:
         return _forward(module, taps, variables, images)
 
     def one(image: jax.Array) -> dict[str, jax.Array]:  # lax.map batches it CPU_MICRO_BATCH at a time
