@@ -11,8 +11,8 @@ Categories: objects keep ``use_feb=True``; for textures pass ``--config.texture=
 Schedule. The paper trains 40,000 steps × 32 pairs for objects and 500 steps for textures:
 ``--config.train_steps=40000 --config.train_batch_size=32 --config.validate_every=1000``.
 The default is a reduced CPU schedule: 400 steps × 8 pairs at 320 px, validated every 50 steps,
-about half an hour on 2 CPU cores for MVTec bottle (BENCHMARKS.md, section cpr-mvtec_bottle-cpu,
-gives the measured fit time). It is the shortest schedule tried at which the trained local branch
+about 18 minutes of fitting on 2 CPU cores for MVTec bottle (BENCHMARKS.md, section
+cpr-mvtec_bottle-cpu, gives the measured fit time). It is the shortest schedule tried at which the trained local branch
 beats raw backbone features there; at 60 steps it did not. Model selection on a held-out 10 % of
 the TRAINING images with fixed synthetic anomalies (pixel AUROC of the local scores), never the
 test set. For a quick smoke run: ``--config.train_steps=20 --config.validate_every=10``.

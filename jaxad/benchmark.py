@@ -12,7 +12,7 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,16 @@ def write_section(path: Path, name: str, body: str) -> None:
     path.write_text(text)
 
 
+def _per_defect_table(rows: list[dict[str, Any]], key: str, value: Callable[[Any], float], title: str) -> list[str]:
+    """Markdown lines of one per-defect metric (``value`` of each entry of ``row[key]``), or none."""
+    table = [{"dataset": r["dataset"], "method": r.get("method", ""), "variant": r["variant"],
+              **{d: value(v) for d, v in r[key].items()}} for r in rows if key in r]
+    if not table:
+        return []
+    groups = sorted({k for r in table for k in r} - {"dataset", "method", "variant"})
+    return [title, "", report.markdown_table(table, ["dataset", "method", "variant", *groups]), ""]
+
+
 def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes: str = "",
                      link_root: Path | None = None) -> str:
     """Markdown for one benchmark run: what ran where, the table, per-defect image AUROC and pixel
@@ -174,23 +184,10 @@ def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes
         *report.provenance(command, machine()), "",
         report.markdown_table(rows, COLUMNS), "",
     ]
-    per_defect = [
-        {"dataset": r["dataset"], "method": r.get("method", ""), "variant": r["variant"], **r["per_defect_image_auroc"]}
-        for r in rows if "per_defect_image_auroc" in r
-    ]
-    if per_defect:
-        groups = sorted({k for r in per_defect for k in r} - {"dataset", "method", "variant"})
-        lines += ["Image AUROC per defect type (each type against all good test images):", "",
-                  report.markdown_table(per_defect, ["dataset", "method", "variant", *groups]), ""]
-    per_defect_ap = [
-        {"dataset": r["dataset"], "method": r.get("method", ""), "variant": r["variant"],
-         **{d: v["pixel_ap"] for d, v in r["per_defect_pixel"].items()}}
-        for r in rows if "per_defect_pixel" in r
-    ]
-    if per_defect_ap:
-        groups = sorted({k for r in per_defect_ap for k in r} - {"dataset", "method", "variant"})
-        lines += ["Pixel AP per defect type (each type's images with all good test images):", "",
-                  report.markdown_table(per_defect_ap, ["dataset", "method", "variant", *groups]), ""]
+    lines += _per_defect_table(rows, "per_defect_image_auroc", lambda v: v,
+                               "Image AUROC per defect type (each type against all good test images):")
+    lines += _per_defect_table(rows, "per_defect_pixel", lambda v: v["pixel_ap"],
+                               "Pixel AP per defect type (each type's images with all good test images):")
     plots = [(r, p) for r in rows for p in r.get("plots", [])]
     if plots and link_root is not None:
         lines += ["Plots: " + " · ".join(

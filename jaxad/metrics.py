@@ -256,19 +256,20 @@ def evaluate(image_scores: Any, labels: Any, maps: Any = None, masks: Any = None
     return out
 
 
+def _groups(labels: Any, groups: Sequence[str], n: int) -> dict[str, np.ndarray]:
+    """For each anomalous group (defect type): which of the ``n`` items are it or normal."""
+    t = _targets(labels, (n,), "labels")
+    g = np.array([str(x) for x in groups])
+    if g.shape != t.shape:
+        raise DataError(f"groups have shape {g.shape} but there are {n} scores")
+    return {name: ~t | (g == name) for name in sorted(set(g[t].tolist()))}
+
+
 def evaluate_by_group(image_scores: Any, labels: Any, groups: Sequence[str]) -> dict[str, float]:
     """Image AUROC of each anomalous group (defect type) against all normal images, by group name."""
     s = _scores(image_scores, "scores")
     t = _targets(labels, s.shape, "labels")
-    g = np.array([str(x) for x in groups])
-    if g.shape != s.shape:
-        raise DataError(f"groups have shape {g.shape} but the scores have shape {s.shape}")
-    normal = s[~t]
-    out = {}
-    for name in sorted(set(g[t].tolist())):
-        chosen = s[t & (g == name)]
-        out[name] = image_auroc(np.concatenate([normal, chosen]), np.arange(normal.size + chosen.size) >= normal.size)
-    return out
+    return {name: image_auroc(s[chosen], t[chosen]) for name, chosen in _groups(t, groups, s.size).items()}
 
 
 def pixel_metrics_by_group(maps: Any, masks: Any, labels: Any, groups: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -278,14 +279,12 @@ def pixel_metrics_by_group(maps: Any, masks: Any, labels: Any, groups: Sequence[
     which type a method localises and which it misses.
     """
     m = _scores(maps, "anomaly maps")
-    t = _targets(labels, m.shape[:1], "labels")
-    g = np.array([str(x) for x in groups])
-    if g.shape != t.shape:
-        raise DataError(f"groups have shape {g.shape} but there are {t.size} anomaly maps")
+    k = _targets(masks, m.shape, "masks")
     out = {}
-    for name in sorted(set(g[t].tolist())):
-        chosen = ~t | (g == name)
-        split = _split(m[chosen], np.asarray(masks)[chosen], ("anomaly maps", "masks"))
-        c = None if _one_class(split) else _curve(split)
-        out[name] = {"pixel_auroc": _auroc(c) if c else float("nan"), "pixel_ap": _ap(c) if c else float("nan")}
+    for name, chosen in _groups(labels, groups, len(m)).items():
+        split = _split(m[chosen], k[chosen])
+        out[name] = {"pixel_auroc": float("nan"), "pixel_ap": float("nan")}
+        if not _one_class(split):
+            c = _curve(split)
+            out[name] = {"pixel_auroc": _auroc(c), "pixel_ap": _ap(c)}
     return out

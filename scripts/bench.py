@@ -171,10 +171,9 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
 
 def _verdict(rows: list[dict], ratio: str, against: str) -> str:
     """Which rows have jaxad at least as fast as ``against`` (by the ``ratio`` column), which not."""
-    timed = [r for r in rows if isinstance(r[ratio], float)]
-    name = lambda r: f"{r['backbone']} b{r['batch']}"  # noqa: E731
-    wins = ", ".join(name(r) for r in timed if r[ratio] >= 1) or "none"
-    losses = ", ".join(name(r) for r in timed if r[ratio] < 1) or "none"
+    timed = [(f"{r['backbone']} b{r['batch']}", r[ratio]) for r in rows if isinstance(r[ratio], float)]
+    wins = ", ".join(name for name, x in timed if x >= 1) or "none"
+    losses = ", ".join(name for name, x in timed if x < 1) or "none"
     return f"jaxad ≥ {against} in: {wins}; below it in: {losses}."
 
 

@@ -84,9 +84,9 @@ def packaged_weights(module: str, pattern: str, pip_name: str) -> Callable[[], P
 
 CPU_MICRO_BATCH = 2
 """Images per forward on CPU. XLA:CPU runs a convolution over a large batch as one pass whose
-activations leave the cache; looping over pairs of images keeps them in it. Measured on 2 cores
-(BENCHMARKS.md, section backbones-cpu): batch 16 now runs at least at the per-image rate of
-batch 1, where one pass over 16 images had run up to 2× slower per image (EfficientNets).
+activations leave the cache; looping over pairs of images keeps them in it. On 2 cores one pass
+over 16 images ran up to 2× slower per image than batch 1 (EfficientNets); with the loop, batch 16
+runs at least at batch 1's per-image rate (BENCHMARKS.md, section backbones-cpu).
 GPUs and TPUs take the whole batch at once, and so does a CPU split into several devices, whose
 batch is sharded across them (a loop would gather it)."""
 
