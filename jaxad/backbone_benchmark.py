@@ -6,13 +6,14 @@ the method that uses each backbone, and the forward stops at the deepest tap jus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxad import backbones, timing
+from jaxad import backbones
 
 # backbone → (taps, input size) of the method that uses it
 SETTINGS: dict[str, tuple[tuple[str, ...], int]] = {
@@ -24,14 +25,16 @@ SETTINGS: dict[str, tuple[tuple[str, ...], int]] = {
     "efficientnet_b0": (("features.2", "features.3"), 320),  # CPR-Faster
 }
 BATCHES = (1, 16)
+ROUNDS, PER_ROUND = 5, 2  # alternating timing rounds per row, calls per side per round
 
 
-def images_per_second(name: str, taps: tuple[str, ...], size: int, batch: int, dtype: Any = jnp.float32,
-                      repeats: int = 10) -> float:
-    """Jitted extraction throughput of random-weight ``name`` on [batch, size, size, 3] images."""
+def extraction(name: str, taps: tuple[str, ...], size: int, batch: int,
+               dtype: Any = jnp.float32) -> Callable[[], dict[str, jax.Array]]:
+    """One jitted extraction by random-weight ``name`` of fixed [batch, size, size, 3] images, as a
+    call (for :func:`jaxad.timing.interleaved_median_seconds`, which waits for its result)."""
     bb = backbones.random_init(name, dtype=dtype)
     images = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32))
-    return batch / timing.median_seconds(lambda: bb(images, taps), repeats)
+    return lambda: bb(images, taps)
 
 
 def gflop_per_image(name: str, taps: tuple[str, ...], size: int) -> float:

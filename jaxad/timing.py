@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -22,6 +22,29 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> floa
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def interleaved_median_seconds(fns: Mapping[str, Callable[[], Any]], rounds: int, per_round: int = 2,
+                               warmup: int = 2, pause: float = 0.2) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, timed in ``rounds`` rounds that take every
+    function in turn (``per_round`` calls each) after ``warmup`` untimed calls of each.
+
+    Contenders timed one after the other each meet a different phase of a shared machine's load;
+    alternating them lets a slow phase hit all alike, so their ratio holds even when their
+    absolute times wander. ``pause`` seconds pass untimed before each contender's turn, so worker
+    threads that the previous one leaves spinning (OpenMP's, Eigen's) are asleep by then."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(pause)
+            for _ in range(per_round):
+                start = time.perf_counter()
+                jax.block_until_ready(fn())
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:

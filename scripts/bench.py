@@ -145,15 +145,20 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
             continue
         gflop = backbone_benchmark.gflop_per_image(name, taps, size)
         for batch in backbone_benchmark.BATCHES:
+            calls = {"jaxad": backbone_benchmark.extraction(name, taps, size, batch),
+                     "jaxad_bf16": backbone_benchmark.extraction(name, taps, size, batch, jnp.bfloat16),
+                     "torch_eager": torch_reference.extraction(name, taps, size, batch, device=device)}
             row = {"backbone": name, "taps": "+".join(taps), "size": size, "batch": batch, "gflop": gflop,
-                   "jaxad": backbone_benchmark.images_per_second(name, taps, size, batch),
-                   "jaxad_bf16": backbone_benchmark.images_per_second(name, taps, size, batch, jnp.bfloat16),
-                   "torch_eager": torch_reference.images_per_second(name, taps, size, batch, device=device)}
-            try:
-                row["torch_compile"] = "skipped" if args.no_compile else \
-                    torch_reference.images_per_second(name, taps, size, batch, compiled=True, device=device)
-            except Exception as e:  # noqa: BLE001  (torch.compile's failures are reported, not fatal)
-                row["torch_compile"] = f"failed: {type(e).__name__}"
+                   "torch_compile": "skipped"}
+            if not args.no_compile:
+                try:
+                    compiled = torch_reference.extraction(name, taps, size, batch, compiled=True, device=device)
+                    compiled()  # torch.compile fails, if it does, on the first call
+                    calls["torch_compile"] = compiled
+                except Exception as e:  # noqa: BLE001  (torch.compile's failures are reported, not fatal)
+                    row["torch_compile"] = f"failed: {type(e).__name__}"
+            seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.ROUNDS, backbone_benchmark.PER_ROUND)
+            row.update({side: batch / s for side, s in seconds.items()})
             row["jaxad_gflops"] = row["jaxad"] * gflop
             row["of_matmul"] = row["jaxad_gflops"] / reference
             row["jaxad_over_torch"] = row["jaxad"] / row["torch_eager"]
@@ -186,7 +191,9 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         *report.provenance(command, f"{benchmark.machine()}, torch threads = CPU cores"), "",
         report.markdown_table(rows, columns), "",
         "Random weights; the forward stops at the deepest tap on both sides (torchvision's "
-        "create_feature_extractor, timm's features_only). `gflop`: XLA's count of floating-point "
+        "create_feature_extractor, timm's features_only). Each row times its sides in "
+        f"{backbone_benchmark.ROUNDS} alternating rounds of {backbone_benchmark.PER_ROUND} calls each and "
+        "takes each side's median call, so a slow phase of the machine slows every side alike. `gflop`: XLA's count of floating-point "
         "operations per image; `jaxad_gflops`: the rate the jaxad forward achieves; `of_matmul`: that "
         f"rate over the rate of a 2048×2048 float32 matmul on the same machine in the same run "
         f"({matmul_gflops:.0f} GFLOP/s).", "",

@@ -7,7 +7,7 @@ itself never does.
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Callable
 
 
 def _extractor(name: str, taps: tuple[str, ...]):
@@ -27,9 +27,10 @@ def _extractor(name: str, taps: tuple[str, ...]):
     return model.eval()
 
 
-def images_per_second(name: str, taps: tuple[str, ...], size: int, batch: int, compiled: bool = False,
-                      repeats: int = 10, device: str = "cpu") -> float:
-    """Throughput of the torch model on [batch, 3, size, size] random images (median of ``repeats``)."""
+def extraction(name: str, taps: tuple[str, ...], size: int, batch: int, compiled: bool = False,
+               device: str = "cpu") -> Callable[[], None]:
+    """One forward of the torch model on fixed [batch, 3, size, size] random images, as a call that
+    returns when the work is done (the first call of a compiled model compiles)."""
     import torch
 
     model = _extractor(name, taps).to(device)
@@ -37,18 +38,10 @@ def images_per_second(name: str, taps: tuple[str, ...], size: int, batch: int, c
         model = torch.compile(model)
     x = torch.rand(batch, 3, size, size, device=device)
 
-    def call():
+    @torch.inference_mode()
+    def call() -> None:
         model(x)
         if device != "cpu":
             torch.cuda.synchronize()
 
-    times = []
-    with torch.inference_mode():
-        call()
-        call()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return batch / times[len(times) // 2]
+    return call

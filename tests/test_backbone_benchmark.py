@@ -15,3 +15,11 @@ def test_gflop_per_image_counts_the_forward_up_to_the_deepest_tap():
 
 def test_matmul_gflops_is_a_positive_rate():
     assert timing.matmul_gflops(size=128, repeats=2) > 0
+
+
+def test_interleaved_timing_alternates_the_contenders_round_by_round():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("jaxad", "torch")}
+    seconds = timing.interleaved_median_seconds(fns, rounds=3, per_round=2, warmup=1, pause=0.0)
+    assert calls == ["jaxad", "torch"] + ["jaxad", "jaxad", "torch", "torch"] * 3
+    assert set(seconds) == {"jaxad", "torch"} and all(s >= 0 for s in seconds.values())
