@@ -122,8 +122,27 @@ def variants(methods: Sequence[str], specs: Sequence[str], config_dir: Path) -> 
             if scope and scope not in methods:
                 raise ConfigError(f"--variant {spec}: {scope!r} is not one of the benchmarked methods {list(methods)}")
             if scope in ("", method):
-                out[(method, name)] = apply_overrides(base, [f"--config.{kv}" for kv in body.split(",") if kv])
+                out[(method, name)] = apply_overrides(base, [f"--config.{kv}" for kv in split_overrides(body) if kv])
     return out
+
+
+def split_overrides(body: str) -> list[str]:
+    """``KEY=VALUE,...`` split at the commas outside brackets and quotes, so a tuple value such as
+    ``taps=('stage2','stage4')`` stays one override."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(body):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    return [*parts, body[start:]]
 
 
 def few_shot(configs: dict[tuple[str, str], ml_collections.ConfigDict], sizes: Sequence[int]

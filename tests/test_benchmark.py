@@ -18,6 +18,14 @@ def test_variants_scope_to_their_method():
         benchmark.variants(["crd"], ["patchcore/x:coreset_ratio=0.5"], CONFIGS_DIR)
 
 
+def test_variant_values_may_hold_commas_inside_brackets_and_quotes():
+    assert benchmark.split_overrides("taps=('a','b'),windows=(3, 1),note='x,y',k=2") == [
+        "taps=('a','b')", "windows=(3, 1)", "note='x,y'", "k=2"]
+    configs = benchmark.variants(["cpr_faster"], ["coarse:taps=('stage2','stage4'),use_feb=False"], CONFIGS_DIR)
+    coarse = configs[("cpr_faster", "coarse")]
+    assert tuple(coarse.taps) == ("stage2", "stage4") and coarse.use_feb is False
+
+
 def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
     root = synthetic.generate(tmp_path / "data", seed=2, categories=["gear"], image_size=64,
                               n_train=4, n_test_good=2, n_per_defect=1)
