@@ -370,10 +370,11 @@ def test_early_taps_need_no_later_layers(lite0):
         jax.eval_shape(lite0.features_fn("stage2"), early, x)
 
     def convs(tap):
-        return str(jax.make_jaxpr(lite0.features_fn(tap))(lite0.variables, x)).count("conv_general_dilated[")
+        jaxpr = str(jax.make_jaxpr(lite0.features_fn(tap))(lite0.variables, x))
+        return jaxpr.count("conv_general_dilated[") + jaxpr.count("dot_general[")
 
-    # stem + block0 (dw, project) + blocks 1-2 (expand, dw, project); on CPU the depthwise
-    # convolutions are shifted multiply-adds, not conv ops.
+    # stem + block0 (dw, project) + blocks 1-2 (expand, dw, project); the 1×1 convolutions are dots,
+    # and on CPU the depthwise convolutions are shifted multiply-adds, neither conv ops nor dots.
     dense_only = jax.default_backend() == "cpu"
     assert convs("stage1") == (1 + 1 + 2 * 2 if dense_only else 1 + 2 + 2 * 3) < convs("stage6")
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxad.backbones import hub, port
+from jaxad.backbones.layers import FrozenConv
 from jaxad.backbones.port import Layer
 from jaxad.backbones.registry import Entry, TapInfo, register
 from jaxad.backbones.resnet import imagenet_normalise
@@ -32,9 +33,7 @@ def _bn(x, name: str, dtype: Any):
 
 
 def _conv(x, features: int, kernel: int, name: str, dtype: Any, stride: int = 1):
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
-                   dtype=dtype, name=name)(x)
+    return FrozenConv(features, kernel, stride, dtype, name=name)(x)
 
 
 class DenseLayer(nn.Module):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxad.backbones import hub, port
-from jaxad.backbones.layers import DepthwiseConv
+from jaxad.backbones.layers import DepthwiseConv, FrozenConv
 from jaxad.backbones.port import Layer
 from jaxad.backbones.registry import Entry, TapInfo, register
 from jaxad.backbones.resnet import imagenet_normalise
@@ -48,9 +48,7 @@ def _bn(x, name: str, dtype: Any):
 
 
 def _conv(x, features: int, kernel: int, stride: int, name: str, dtype: Any, bias: bool = False):
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=bias,
-                   dtype=dtype, name=name)(x)
+    return FrozenConv(features, kernel, stride, dtype, use_bias=bias, name=name)(x)
 
 
 class MBConv(nn.Module):

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxad.backbones import port
-from jaxad.backbones.layers import DepthwiseConv
+from jaxad.backbones.layers import DepthwiseConv, FrozenConv
 from jaxad.backbones.port import Layer
 from jaxad.backbones.registry import Entry, TapInfo, packaged_weights, register
 
@@ -34,6 +34,8 @@ def _conv_bn(x, features: int, kernel: int, stride: int, name: str, dtype: Any, 
     """Conv (TF SAME padding, no bias) → frozen BN (eps 1e-3) → ReLU6, as ``{name}_conv``/``{name}_bn``."""
     if groups > 1:
         x = DepthwiseConv(kernel, stride, dtype=dtype, name=f"{name}_conv")(x)
+    elif kernel == 1:  # no padding either way; layers.FrozenConv runs it as a matmul
+        x = FrozenConv(features, 1, stride, dtype, name=f"{name}_conv")(x)
     else:
         x = nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=False, dtype=dtype,
                     name=f"{name}_conv")(x)

@@ -8,12 +8,50 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxad.backbones import winograd
+
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow 'SAME': output ceil(size/stride), the odd pixel of padding at the end."""
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
+
+
+class FrozenConv(nn.Module):
+    """A frozen backbone's k×k convolution, torch's symmetric zero padding k//2; kernel [k, k, C, O]
+    and optional bias like nn.Conv (same parameter paths, shapes and initialisers).
+
+    Inference only, so it may take the fastest path per shape: a 1×1 one is a matmul over channels
+    (of every s-th pixel); a stride-1 3×3 one runs as Winograd F(2×2, 3×3) when the variables carry
+    its transformed kernel (the ``winograd`` collection, added on CPU when a backbone is built) and
+    the input is small enough for that to pay (:func:`winograd.worthwhile`); any other as XLA's
+    convolution.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self._convolve(x.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+    def _convolve(self, x: jax.Array) -> jax.Array:
+        k, s = self.kernel_size, self.stride
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
+        if k == 1:  # a matmul over channels: XLA:CPU runs it as a dot up to 2× faster than as a convolution
+            return jnp.einsum("nhwc,co->nhwo", x[:, ::s, ::s], kernel[0, 0].astype(self.dtype))
+        if (k, s) == (3, 1) and self.has_variable(winograd.COLLECTION, "kernel") and winograd.worthwhile(x.shape):
+            return winograd.conv3x3(x, self.get_variable(winograd.COLLECTION, "kernel").astype(self.dtype))
+        pad = (k // 2, k // 2)
+        return jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (s, s), [pad, pad],
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class DepthwiseConv(nn.Module):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
-from jaxad.backbones import hub
+from jaxad.backbones import hub, winograd
 from jaxad.backbones.torch_weights import read_state_dict
 from jaxad.errors import ConfigError, DataError, WeightsError
 
@@ -109,6 +109,16 @@ def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images:
     return jax.lax.map(one, images, batch_size=CPU_MICRO_BATCH)
 
 
+def _with_winograd_kernels(variables: Mapping[str, Any]) -> dict:
+    """On CPU, ``variables`` plus the transformed 3×3 kernels that layers.FrozenConv runs as Winograd
+    F(2×2, 3×3) (the weights are frozen, so they are transformed once, here)."""
+    variables = dict(variables)
+    if jax.default_backend() != "cpu" or winograd.COLLECTION in variables:
+        return variables
+    kernels = winograd.transformed_kernels(variables["params"])
+    return {**variables, winograd.COLLECTION: kernels} if kernels else variables
+
+
 class Backbone:
     """A frozen feature extractor: ``bb(images, taps) -> {tap: [B, h, w, C] float32}``.
 
@@ -120,7 +130,7 @@ class Backbone:
         self.name = name
         self.module = module
         self.taps = dict(taps)
-        self.variables = variables
+        self.variables = _with_winograd_kernels(variables)
 
     def _check(self, taps: str | Sequence[str], images: jax.Array) -> tuple[str, ...]:
         taps = (taps,) if isinstance(taps, str) else tuple(taps)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxad.backbones import hub, port
+from jaxad.backbones.layers import FrozenConv
 from jaxad.backbones.port import Layer
 from jaxad.backbones.registry import Entry, TapInfo, register
 
@@ -32,9 +33,7 @@ def imagenet_normalise(x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
 def conv_bn(x, features: int, kernel: int, stride: int, name: str, dtype: Any, relu: bool = True,
             bn_name: str | None = None):
     """Conv (symmetric padding k//2, no bias) → frozen BN (eps 1e-5) → optional ReLU."""
-    pad = kernel // 2
-    x = nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
-                dtype=dtype, name=name)(x)
+    x = FrozenConv(features, kernel, stride, dtype, name=name)(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype, name=bn_name or f"{name}_bn")(x)
     return nn.relu(x) if relu else x
 

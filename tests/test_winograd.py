@@ -1,0 +1,77 @@
+"""Winograd F(2×2, 3×3) and the frozen-backbone convolution that uses it: the same values as XLA's
+convolution, taken only where the variables carry the transformed kernel and the input is small."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxad import backbones
+from jaxad.backbones import winograd
+from jaxad.backbones.layers import FrozenConv
+
+
+def _direct(x, kernel, stride=1):
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8, 4), (2, 7, 9, 5), (1, 1, 1, 3), (3, 2, 5, 6)])
+def test_winograd_equals_the_direct_convolution(shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 7)), jnp.float32)
+    ref = _direct(x, kernel)
+    got = winograd.conv3x3(x, winograd.kernel_transform(kernel))
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def _ops(fn, *args) -> str:
+    return str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("kernel,stride,bias", [(3, 1, False), (3, 2, False), (1, 1, True), (1, 2, False), (7, 2, False)])
+def test_frozen_conv_matches_flax_conv(kernel, stride, bias):
+    x = jnp.asarray(np.random.default_rng(1).random((2, 9, 12, 6)), jnp.float32)
+    ours = FrozenConv(5, kernel, stride, use_bias=bias)
+    pad = kernel // 2
+    ref = nn.Conv(5, (kernel, kernel), (stride, stride), padding=[(pad, pad)] * 2, use_bias=bias)
+    variables = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
+    variables = jax.tree.map(lambda p: p + 0.1, variables)  # a non-zero bias
+    with_kernels = {**variables, winograd.COLLECTION: winograd.transformed_kernels(variables["params"])}
+    for v in (variables, with_kernels):
+        np.testing.assert_allclose(ours.apply(v, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+    winograd_taken = (kernel, stride) == (3, 1) and jax.default_backend() == "cpu"
+    assert ("conv_general_dilated" in _ops(lambda v: ours.apply(v, x), with_kernels)) == (kernel != 1 and not winograd_taken)
+    assert ("conv_general_dilated" in _ops(lambda v: ours.apply(v, x), variables)) == (kernel != 1)
+
+
+def test_large_inputs_keep_the_direct_convolution():
+    small = (1, 16, 16, 64)
+    large = (2, 80, 80, 64)  # its tile tensor (4× the input) would leave the cache
+    assert np.prod(large) > winograd.MAX_INPUT >= np.prod(small)
+    conv = FrozenConv(8, 3)
+    variables = conv.init(jax.random.key(0), jnp.zeros(small))
+    variables = {**variables, winograd.COLLECTION: winograd.transformed_kernels(variables["params"])}
+    big = jax.ShapeDtypeStruct(large, jnp.float32)
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x: conv.apply(variables, x))(big))
+
+
+def test_only_dense_3x3_kernels_are_transformed():
+    params = {"a": {"kernel": jnp.ones((3, 3, 4, 8))}, "dw": {"kernel": jnp.ones((3, 3, 1, 8))},
+              "pw": {"kernel": jnp.ones((1, 1, 4, 8)), "bias": jnp.ones(8)}, "bn": {"scale": jnp.ones(8)}}
+    out = winograd.transformed_kernels(params)
+    assert list(out) == ["a"] and out["a"]["kernel"].shape == (4, 4, 4, 8)
+
+
+def test_backbones_on_cpu_carry_the_transformed_kernels():
+    bb = backbones.random_init("resnet18")
+    kernels = bb.variables.get(winograd.COLLECTION)
+    assert (kernels is not None) == (jax.default_backend() == "cpu")
+    if kernels is not None:
+        conv2 = bb.variables["params"]["layer1_0"]["conv2"]["kernel"]
+        np.testing.assert_allclose(kernels["layer1_0"]["conv2"]["kernel"], winograd.kernel_transform(conv2))
