@@ -7,6 +7,9 @@ Variants of one config: ``configs/cpr.py`` (width 384, DenseNet201 in the paper)
 
 Categories: objects keep ``use_feb=True``; for textures pass ``--config.texture=true
 --config.use_feb=false`` (always texture sources, remote negatives weighted 0, paper: 500 steps).
+Scales: the paper's stride-4 and stride-8 maps. Defects much larger than a few feature cells (the
+magnetic tile's ``uneven`` regions and frays) are better seen one stage deeper:
+``--config.taps="('stage2','stage4')"`` (strides 8 and 16; BENCHMARKS.md, cpr-magnetic_tile-cpu).
 
 Schedule. The paper trains 40,000 steps × 32 pairs for objects and 500 steps for textures:
 ``--config.train_steps=40000 --config.train_batch_size=32 --config.validate_every=1000``.

@@ -199,15 +199,18 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         f"({matmul_gflops:.0f} GFLOP/s).", "",
         _verdict(rows, "jaxad_over_torch", "torch_eager") + " " + _verdict(rows, "jaxad_over_compile", "torch_compile"), "",
         "What limits the ratio. A row with a large `of_matmul` is bound by the arithmetic of its "
-        "convolutions, which XLA:CPU hands to Eigen's kernels and torch to oneDNN's: where oneDNN's "
-        "kernel is faster for a shape, fusion cannot make it up, and only doing fewer operations "
-        "(e.g. Winograd transforms for the 3×3 convolutions) would. A row with a small `of_matmul` "
-        "spends its time on memory traffic (dense concatenations, depthwise convolutions) and "
-        "per-layer overhead; there XLA fuses BatchNorm, activations and the depthwise convolutions "
-        "(shifted multiply-adds on CPU) into few passes, which pays most against eager dispatch, "
-        "while torch.compile fuses too. On CPU jaxad runs a batch as a loop over pairs of images "
-        f"(`backbones.registry.CPU_MICRO_BATCH` = {backbones.registry.CPU_MICRO_BATCH}) so that "
-        "each pair's maps stay in the cache; torch takes the batch of 16 at once.", "",
+        "convolutions, which XLA:CPU hands to Eigen's kernels and torch to oneDNN's; where oneDNN's "
+        "kernel is faster for a shape, fusion cannot make it up, and only doing fewer or cheaper "
+        "operations does. So on CPU jaxad runs 1×1 convolutions as matmuls (XLA:CPU's dot is faster "
+        "than its convolution) and stride-1 3×3 convolutions over small inputs as Winograd "
+        "F(2×2, 3×3) (2.25× fewer multiplies, kernels transformed once at load; `backbones.winograd`); "
+        "`gflop` counts the direct convolutions' operations, so `jaxad_gflops` is an effective rate. "
+        "A row with a small `of_matmul` spends its time on memory traffic (dense concatenations, "
+        "depthwise convolutions) and per-layer overhead; there XLA fuses BatchNorm, activations and "
+        "the depthwise convolutions (shifted multiply-adds on CPU) into few passes, which pays most "
+        "against eager dispatch, while torch.compile fuses too. On CPU jaxad runs a batch as a loop "
+        f"over pairs of images (`backbones.registry.CPU_MICRO_BATCH` = {backbones.registry.CPU_MICRO_BATCH}) "
+        "so that each pair's maps stay in the cache; torch takes the batch of 16 at once.", "",
         "bfloat16 computes in bf16 with float32 parameters and outputs; it gains nothing on a CPU "
         "without native bf16 arithmetic. Its error on the tapped maps (max |bf16 − f32| / max |f32|):", "",
         report.markdown_table(errors, sorted({k for e in errors for k in e}, key=lambda k: (k != "backbone", k))),
