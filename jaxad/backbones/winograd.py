@@ -1,7 +1,7 @@
 """3×3 convolutions as Winograd F(2×2, 3×3): 16 matrix products in place of 36 per 2×2 output tile.
 
 Each 4×4 input tile d (stride 2) and 3×3 kernel g become Bᵀ d B and G g Gᵀ; their elementwise
-product, summed over input channels, is one [tiles, C] × [C, O] matmul per of the 16 tile positions,
+product, summed over input channels, is one [tiles, C] × [C, O] matmul for each of the 16 positions in a tile,
 and Aᵀ m A turns it back into the 2×2 outputs (Lavin & Gray, "Fast Algorithms for Convolutional
 Neural Networks", 2016). The multiply count falls 2.25×; the transforms are additions.
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_INPUT = 2**19  # input elements (N·H·W·C) of a call above which XLA's convolution is faster on CPU:
-# the tile tensor, 4× the input, then outgrows an 8 MiB cache (measured: 1.3-2.5× faster below it
+# the tile tensor, 4× the input, then passes 8 MiB and leaves the cache (measured on 2 cores: 1.3-2.5× faster below it
 # for 64-512 channels, down to 0.3× at 12,800 pixels × 128 channels)
 COLLECTION = "winograd"  # the variable collection holding the transformed kernels
 
