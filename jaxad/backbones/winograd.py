@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 MAX_INPUT = 2**19  # input elements (N·H·W·C) of a call above which XLA's convolution is faster on CPU:
-# the tile tensor, 4× the input, then passes 8 MiB and leaves the cache (measured on 2 cores: 1.3-2.5× faster below it
-# for 64-512 channels, down to 0.3× at 12,800 pixels × 128 channels)
+# the tile tensor, 4× the input, then passes 8 MiB and leaves the cache (timed layer by layer on
+# 2 cores: faster below it for 64-512 channels, several times slower well above it)
 COLLECTION = "winograd"  # the variable collection holding the transformed kernels
 
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
