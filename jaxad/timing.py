@@ -14,14 +14,7 @@ import numpy as np
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (the first
     compiles); results are waited for, so asynchronous dispatch is not mistaken for speed."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return interleaved_median_seconds({"fn": fn}, repeats, per_round=1, warmup=warmup, pause=0.0)["fn"]
 
 
 def interleaved_median_seconds(fns: Mapping[str, Callable[[], Any]], rounds: int, per_round: int = 2,

@@ -75,3 +75,12 @@ def test_backbones_on_cpu_carry_the_transformed_kernels():
     if kernels is not None:
         conv2 = bb.variables["params"]["layer1_0"]["conv2"]["kernel"]
         np.testing.assert_allclose(kernels["layer1_0"]["conv2"]["kernel"], winograd.kernel_transform(conv2))
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (3, 1), (5, 2)])
+def test_frozen_conv_pads_like_tensorflow_when_asked(kernel, stride):
+    x = jnp.asarray(np.random.default_rng(2).random((1, 9, 12, 4)), jnp.float32)
+    ours = FrozenConv(6, kernel, stride, symmetric=False)
+    ref = nn.Conv(6, (kernel, kernel), (stride, stride), padding="SAME", use_bias=False)
+    variables = ours.init(jax.random.key(0), x)
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)

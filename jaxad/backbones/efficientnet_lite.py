@@ -34,11 +34,8 @@ def _conv_bn(x, features: int, kernel: int, stride: int, name: str, dtype: Any, 
     """Conv (TF SAME padding, no bias) → frozen BN (eps 1e-3) → ReLU6, as ``{name}_conv``/``{name}_bn``."""
     if groups > 1:
         x = DepthwiseConv(kernel, stride, dtype=dtype, name=f"{name}_conv")(x)
-    elif kernel == 1:  # no padding either way; layers.FrozenConv runs it as a matmul
-        x = FrozenConv(features, 1, stride, dtype, name=f"{name}_conv")(x)
     else:
-        x = nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=False, dtype=dtype,
-                    name=f"{name}_conv")(x)
+        x = FrozenConv(features, kernel, stride, dtype, symmetric=False, name=f"{name}_conv")(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=dtype, name=f"{name}_bn")(x)
     return nn.relu6(x) if act else x
 

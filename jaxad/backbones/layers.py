@@ -19,8 +19,9 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 class FrozenConv(nn.Module):
-    """A frozen backbone's k×k convolution, torch's symmetric zero padding k//2; kernel [k, k, C, O]
-    and optional bias like nn.Conv (same parameter paths, shapes and initialisers).
+    """A frozen backbone's k×k convolution; kernel [k, k, C, O] and optional bias like nn.Conv (same
+    parameter paths, shapes and initialisers). Padding: torch's symmetric k//2, or TF 'SAME'
+    (``symmetric=False``, the TF-trained EfficientNet-Lite weights).
 
     Inference only, so it may take the fastest path per shape: a 1×1 one is a matmul over channels
     (of every s-th pixel); a stride-1 3×3 one runs as Winograd F(2×2, 3×3) when the variables carry
@@ -34,6 +35,7 @@ class FrozenConv(nn.Module):
     stride: int = 1
     dtype: Any = jnp.float32
     use_bias: bool = False
+    symmetric: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -45,12 +47,15 @@ class FrozenConv(nn.Module):
     def _convolve(self, x: jax.Array) -> jax.Array:
         k, s = self.kernel_size, self.stride
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
-        if k == 1:  # a matmul over channels: XLA:CPU runs it as a dot up to 2× faster than as a convolution
+        if k == 1:  # a matmul over channels (no padding either way), faster on XLA:CPU than a convolution
             return jnp.einsum("nhwc,co->nhwo", x[:, ::s, ::s], kernel[0, 0].astype(self.dtype))
         if (k, s) == (3, 1) and self.has_variable(winograd.COLLECTION, "kernel") and winograd.worthwhile(x.shape):
             return winograd.conv3x3(x, self.get_variable(winograd.COLLECTION, "kernel").astype(self.dtype))
-        pad = (k // 2, k // 2)
-        return jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (s, s), [pad, pad],
+        if self.symmetric:
+            pads = [(k // 2, k // 2)] * 2
+        else:
+            pads = [_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)]
+        return jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (s, s), pads,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
