@@ -9,6 +9,7 @@ import pytest
 
 from jaxad import backbones
 from jaxad.backbones import winograd
+from jaxad.backbones import layers
 from jaxad.backbones.layers import FrozenConv
 
 
@@ -84,3 +85,17 @@ def test_frozen_conv_pads_like_tensorflow_when_asked(kernel, stride):
     ref = nn.Conv(6, (kernel, kernel), (stride, stride), padding="SAME", use_bias=False)
     variables = ours.init(jax.random.key(0), x)
     np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,symmetric", [(3, 2, True), (3, 2, False), (3, 1, True), (7, 2, True)])
+def test_stems_over_rgb_match_flax_conv(kernel, stride, symmetric):
+    """A 3×3 kernel over 3 channels (27 taps) runs as shifted multiply-adds on CPU; a 7×7 one keeps
+    XLA's convolution. Both give nn.Conv's values for either padding on odd sizes."""
+    x = jnp.asarray(np.random.default_rng(3).random((2, 11, 8, 3)), jnp.float32)
+    ours = FrozenConv(5, kernel, stride, symmetric=symmetric)
+    pad = [(kernel // 2, kernel // 2)] * 2 if symmetric else "SAME"
+    ref = nn.Conv(5, (kernel, kernel), (stride, stride), padding=pad, use_bias=False)
+    variables = ours.init(jax.random.key(0), x)
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+    shifted = kernel * kernel * 3 <= layers.MAX_SHIFTED_TAPS and jax.default_backend() == "cpu"
+    assert ("conv_general_dilated" in _ops(lambda v: ours.apply(v, x), variables)) == (not shifted)

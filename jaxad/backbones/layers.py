@@ -10,12 +10,44 @@ import jax.numpy as jnp
 
 from jaxad.backbones import winograd
 
+MAX_SHIFTED_TAPS = 27  # k²·C_in up to which XLA:CPU runs a convolution faster as shifted multiply-adds
+# (a 3×3 stem over RGB: faster at batch 1 and 16; a 7×7 one over RGB, 147 taps, is not)
+
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow 'SAME': output ceil(size/stride), the odd pixel of padding at the end."""
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
+
+
+def _pads(x: jax.Array, k: int, s: int, symmetric: bool) -> list[tuple[int, int]]:
+    """Height and width padding: torch's symmetric k//2, or TF 'SAME'."""
+    if symmetric:
+        return [(k // 2, k // 2)] * 2
+    return [_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)]
+
+
+def _windows(x: jax.Array, pads: list[tuple[int, int]], k: int, s: int):
+    """Yields ``(i, j, window)`` for every kernel offset: the padded input's pixels that offset
+    (i, j) of a k×k, stride-s kernel meets, one per output pixel."""
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    out_h, out_w = ((x.shape[a] + sum(pads[a - 1]) - k) // s + 1 for a in (1, 2))
+    for i in range(k):
+        for j in range(k):
+            yield i, j, xp[:, i : i + (out_h - 1) * s + 1 : s, j : j + (out_w - 1) * s + 1 : s, :]
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array, pads: list[tuple[int, int]], s: int) -> jax.Array:
+    """A convolution with kernel [k, k, C, O] as k²·C shifted, broadcast multiply-adds, which XLA
+    fuses into one loop over the output. C = 1 covers depthwise kernels [k, k, 1, channels] too."""
+    k, _, c, _ = kernel.shape
+    terms = ((window if c == 1 else window[..., m : m + 1]) * kernel[i, j, m]
+             for i, j, window in _windows(x, pads, k, s) for m in range(c))
+    out = next(terms)
+    for term in terms:
+        out = out + term
+    return out
 
 
 class FrozenConv(nn.Module):
@@ -26,8 +58,9 @@ class FrozenConv(nn.Module):
     Inference only, so it may take the fastest path per shape: a 1×1 one is a matmul over channels
     (of every s-th pixel); a stride-1 3×3 one runs as Winograd F(2×2, 3×3) when the variables carry
     its transformed kernel (the ``winograd`` collection, added on CPU when a backbone is built) and
-    the input is small enough for that to pay (:func:`winograd.worthwhile`); any other as XLA's
-    convolution.
+    the input is small enough for that to pay (:func:`winograd.worthwhile`); on CPU one with at
+    most ``MAX_SHIFTED_TAPS`` input taps (k²·C_in: a 3×3 stem over RGB) as shifted multiply-adds;
+    any other as XLA's convolution.
     """
 
     features: int
@@ -51,10 +84,9 @@ class FrozenConv(nn.Module):
             return jnp.einsum("nhwc,co->nhwo", x[:, ::s, ::s], kernel[0, 0].astype(self.dtype))
         if (k, s) == (3, 1) and self.has_variable(winograd.COLLECTION, "kernel") and winograd.worthwhile(x.shape):
             return winograd.conv3x3(x, self.get_variable(winograd.COLLECTION, "kernel").astype(self.dtype))
-        if self.symmetric:
-            pads = [(k // 2, k // 2)] * 2
-        else:
-            pads = [_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)]
+        pads = _pads(x, k, s, self.symmetric)
+        if jax.default_backend() == "cpu" and k * k * x.shape[-1] <= MAX_SHIFTED_TAPS:
+            return _shifted_sum(x, kernel.astype(self.dtype), pads, s)
         return jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (s, s), pads,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -82,21 +114,10 @@ class DepthwiseConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels), jnp.float32)
         kernel = kernel.astype(self.dtype)
         x = x.astype(self.dtype)
-        if self.symmetric:
-            pads = [(k // 2, k // 2)] * 2
-        else:
-            pads = [_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)]
+        pads = _pads(x, k, s, self.symmetric)
         impl = self.impl if self.impl != "auto" else ("shift" if jax.default_backend() == "cpu" else "grouped")
         if impl == "grouped":
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels
             )
-        xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-        out_h, out_w = ((x.shape[i] + sum(pads[i - 1]) - k) // s + 1 for i in (1, 2))
-        out = None
-        for i in range(k):
-            for j in range(k):
-                window = xp[:, i : i + (out_h - 1) * s + 1 : s, j : j + (out_w - 1) * s + 1 : s, :]
-                term = window * kernel[i, j, 0]
-                out = term if out is None else out + term
-        return out
+        return _shifted_sum(x, kernel, pads, s)
