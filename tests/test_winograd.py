@@ -99,3 +99,16 @@ def test_stems_over_rgb_match_flax_conv(kernel, stride, symmetric):
     np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
     shifted = kernel * kernel * 3 <= layers.MAX_SHIFTED_TAPS and jax.default_backend() == "cpu"
     assert ("conv_general_dilated" in _ops(lambda v: ours.apply(v, x), variables)) == (not shifted)
+
+
+@pytest.mark.parametrize("kernel,batch", [(1, 1), (1, 2), (3, 1)])
+def test_a_gate_scales_the_input_channels(kernel, batch):
+    """conv(x, gate) = conv(x · gate), whether the gate is folded into a 1×1 kernel (one image) or
+    scales the map."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.random((batch, 6, 7, 5)), jnp.float32)
+    gate = jnp.asarray(rng.random((batch, 5)), jnp.float32)
+    conv = FrozenConv(4, kernel, use_bias=True)
+    variables = jax.tree.map(lambda p: p + 0.1, conv.init(jax.random.key(0), x))
+    np.testing.assert_allclose(conv.apply(variables, x, gate), conv.apply(variables, x * gate[:, None, None, :]),
+                               rtol=1e-5, atol=1e-6)

@@ -69,8 +69,9 @@ class MBConv(nn.Module):
         x = nn.silu(_bn(x, "dw_bn", self.dtype))
         squeezed = jnp.mean(x, axis=(1, 2), keepdims=True)
         squeezed = nn.silu(_conv(squeezed, max(1, channels // 4), 1, 1, "se_reduce", self.dtype, bias=True))
-        x = x * nn.sigmoid(_conv(squeezed, x.shape[-1], 1, 1, "se_expand", self.dtype, bias=True))
-        x = _bn(_conv(x, self.features, 1, 1, "project_conv", self.dtype), "project_bn", self.dtype)
+        gate = nn.sigmoid(_conv(squeezed, x.shape[-1], 1, 1, "se_expand", self.dtype, bias=True))[:, 0, 0]
+        x = FrozenConv(self.features, 1, 1, self.dtype, name="project_conv")(x, gate)
+        x = _bn(x, "project_bn", self.dtype)
         return x + inputs if self.stride == 1 and channels == self.features else x
 
 

@@ -71,17 +71,27 @@ class FrozenConv(nn.Module):
     symmetric: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self._convolve(x.astype(self.dtype))
+    def __call__(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        """Returns ``conv(x * gate[:, None, None, :])``; ``gate`` ([N, C], optional): per-image factors
+        of the input channels, as a squeeze-excite block's. One image through a 1×1 kernel folds the
+        gate into the kernel's rows, saving a pass over the map; for several images the per-image
+        kernels would make a batched matmul, slower on CPU than scaling the map."""
+        x = x.astype(self.dtype)
+        if gate is not None and not (x.shape[0] == 1 and self.kernel_size == 1):
+            x, gate = x * gate[:, None, None, :].astype(self.dtype), None
+        y = self._convolve(x, gate)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
 
-    def _convolve(self, x: jax.Array) -> jax.Array:
+    def _convolve(self, x: jax.Array, gate: jax.Array | None) -> jax.Array:
         k, s = self.kernel_size, self.stride
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
         if k == 1:  # a matmul over channels (no padding either way), faster on XLA:CPU than a convolution
-            return jnp.einsum("nhwc,co->nhwo", x[:, ::s, ::s], kernel[0, 0].astype(self.dtype))
+            rows = kernel[0, 0].astype(self.dtype)
+            if gate is not None:
+                return jnp.einsum("nhwc,nc,co->nhwo", x[:, ::s, ::s], gate.astype(self.dtype), rows)
+            return jnp.einsum("nhwc,co->nhwo", x[:, ::s, ::s], rows)
         if (k, s) == (3, 1) and self.has_variable(winograd.COLLECTION, "kernel") and winograd.worthwhile(x.shape):
             return winograd.conv3x3(x, self.get_variable(winograd.COLLECTION, "kernel").astype(self.dtype))
         pads = _pads(x, k, s, self.symmetric)
