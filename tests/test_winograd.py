@@ -1,5 +1,6 @@
-"""Winograd F(2×2, 3×3) and the frozen-backbone convolution that uses it: the same values as XLA's
-convolution, taken only where the variables carry the transformed kernel and the input is small."""
+"""The frozen-backbone convolution and its fast paths: Winograd F(2×2, 3×3), taken only where the
+variables carry the transformed kernel and the input is small, shifted multiply-adds for stems over
+RGB, and a folded squeeze-excite gate, all with the values of XLA's convolution."""
 
 import flax.linen as nn
 import jax
@@ -112,3 +113,17 @@ def test_a_gate_scales_the_input_channels(kernel, batch):
     variables = jax.tree.map(lambda p: p + 0.1, conv.init(jax.random.key(0), x))
     np.testing.assert_allclose(conv.apply(variables, x, gate), conv.apply(variables, x * gate[:, None, None, :]),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_shifted_multiply_adds_sum_in_float32():
+    """In bfloat16 a stem over RGB equals the float32 convolution of the bf16-rounded image and kernel
+    to within one bf16 rounding of the output (summing 27 terms in bf16 would be off by several)."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.random((2, 33, 31, 3)), jnp.bfloat16)
+    conv = FrozenConv(16, 3, 2, dtype=jnp.bfloat16)
+    variables = conv.init(jax.random.key(0), x)
+    kernel = variables["params"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
+    ref = _direct(x.astype(jnp.float32), kernel, stride=2)
+    ours = conv.apply(variables, x)
+    assert ours.dtype == jnp.bfloat16
+    assert float(jnp.max(jnp.abs(ours.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))) <= 2.0**-8

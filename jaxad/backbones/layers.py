@@ -40,14 +40,16 @@ def _windows(x: jax.Array, pads: list[tuple[int, int]], k: int, s: int):
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array, pads: list[tuple[int, int]], s: int) -> jax.Array:
     """A convolution with kernel [k, k, C, O] as k²·C shifted, broadcast multiply-adds, which XLA
-    fuses into one loop over the output. C = 1 covers depthwise kernels [k, k, 1, channels] too."""
+    fuses into one loop over the output. C = 1 covers depthwise kernels [k, k, 1, channels] too.
+    Sums in float32 whatever ``x``'s dtype (as a convolution accumulates), returns ``x``'s dtype."""
     k, _, c, _ = kernel.shape
-    terms = ((window if c == 1 else window[..., m : m + 1]) * kernel[i, j, m]
+    kernel = kernel.astype(jnp.float32)
+    terms = ((window if c == 1 else window[..., m : m + 1]).astype(jnp.float32) * kernel[i, j, m]
              for i, j, window in _windows(x, pads, k, s) for m in range(c))
     out = next(terms)
     for term in terms:
         out = out + term
-    return out
+    return out.astype(x.dtype)
 
 
 class FrozenConv(nn.Module):
