@@ -207,7 +207,8 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         "`gflop` counts the direct convolutions' operations, so `jaxad_gflops` is an effective rate. "
         "A row with a small `of_matmul` spends its time on memory traffic (dense concatenations, "
         "depthwise convolutions) and per-layer overhead; there XLA fuses BatchNorm, activations and "
-        "the depthwise convolutions (shifted multiply-adds on CPU) into few passes, which pays most "
+        "the depthwise convolutions and 3×3 stems over RGB (shifted multiply-adds on CPU) into few "
+        "passes, which pays most "
         "against eager dispatch, while torch.compile fuses too. On CPU jaxad runs a batch as a loop "
         f"over pairs of images (`backbones.registry.CPU_MICRO_BATCH` = {backbones.registry.CPU_MICRO_BATCH}) "
         "so that each pair's maps stay in the cache; torch takes the batch of 16 at once.", "",
