@@ -39,8 +39,8 @@ def extraction(name: str, taps: tuple[str, ...], size: int, batch: int,
 
 
 def gflop_per_image(name: str, taps: tuple[str, ...], size: int) -> float:
-    """Floating-point operations of one image's forward with direct convolutions (no Winograd
-    kernels passed), as XLA counts them (a multiply-add is 2): the model's nominal work."""
+    """Floating-point operations of one image's forward as XLA counts them (a multiply-add is 2),
+    with the 3×3 convolutions direct (no Winograd kernels passed): the model's nominal work."""
     bb = backbones.random_init(name)
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     direct = {k: v for k, v in bb.variables.items() if k != winograd.COLLECTION}
