@@ -66,8 +66,9 @@ def test_teacher_distillation_step_is_data_parallel():
                                                mesh=mesh)["params"]
         sharded = run(eight)
         assert all(x.sharding.num_devices == 8 for x in jax.tree.leaves(sharded))
-        # Adam's first steps move each weight by ~lr = 1e-4 whatever the gradient's size: compare at that scale
-        assert_same_params(run(one), sharded, atol=2e-6)
+        # Adam's first steps move each weight by ~lr = 1e-4 whatever the gradient's size, so a weight whose
+        # gradient is at rounding level moves differently in the two runs: compare at a tenth of a step
+        assert_same_params(run(one), sharded, atol=1e-5)
     """)
 
 
