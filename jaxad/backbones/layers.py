@@ -79,8 +79,9 @@ class FrozenConv(nn.Module):
         gate into the kernel's rows, saving a pass over the map; for several images the per-image
         kernels would make a batched matmul, slower on CPU than scaling the map."""
         x = x.astype(self.dtype)
+        gate = None if gate is None else gate.astype(self.dtype)
         if gate is not None and not (x.shape[0] == 1 and self.kernel_size == 1):
-            x, gate = x * gate[:, None, None, :].astype(self.dtype), None
+            x, gate = x * gate[:, None, None, :], None
         y = self._convolve(x, gate)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
@@ -92,7 +93,7 @@ class FrozenConv(nn.Module):
         if k == 1:  # a matmul over channels (no padding either way), faster on XLA:CPU than a convolution
             rows = kernel[0, 0].astype(self.dtype)
             if gate is not None:
-                return jnp.einsum("nhwc,nc,co->nhwo", x[:, ::s, ::s], gate.astype(self.dtype), rows)
+                return jnp.einsum("nhwc,nc,co->nhwo", x[:, ::s, ::s], gate, rows)
             return jnp.einsum("nhwc,co->nhwo", x[:, ::s, ::s], rows)
         if (k, s) == (3, 1) and self.has_variable(winograd.COLLECTION, "kernel") and winograd.worthwhile(x.shape):
             return winograd.conv3x3(x, self.get_variable(winograd.COLLECTION, "kernel").astype(self.dtype))
