@@ -98,7 +98,8 @@ def test_stems_over_rgb_match_flax_conv(kernel, stride, symmetric):
     ref = nn.Conv(5, (kernel, kernel), (stride, stride), padding=pad, use_bias=False)
     variables = ours.init(jax.random.key(0), x)
     np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
-    shifted = kernel * kernel * 3 <= layers.MAX_SHIFTED_TAPS and jax.default_backend() == "cpu"
+    shifted = layers.shifted_sum_pays(kernel * kernel * 3)
+    assert shifted == (kernel == 3 and jax.default_backend() == "cpu")
     assert ("conv_general_dilated" in _ops(lambda v: ours.apply(v, x), variables)) == (not shifted)
 
 
@@ -127,3 +128,15 @@ def test_shifted_multiply_adds_sum_in_float32():
     ours = conv.apply(variables, x)
     assert ours.dtype == jnp.bfloat16
     assert float(jnp.max(jnp.abs(ours.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref))) <= 2.0**-8
+
+
+def test_depthwise_kernels_of_any_size_are_shifted_on_cpu():
+    """Depthwise convolutions take the shifted multiply-adds on CPU whatever their taps (XLA:CPU's
+    grouped convolution is far slower); dense ones only up to MAX_SHIFTED_TAPS."""
+    on_cpu = jax.default_backend() == "cpu"
+    assert layers.shifted_sum_pays(49, depthwise=True) == on_cpu
+    assert not layers.shifted_sum_pays(layers.MAX_SHIFTED_TAPS + 1)
+    x = jnp.ones((1, 9, 9, 4), jnp.float32)
+    dw = layers.DepthwiseConv(7)
+    variables = dw.init(jax.random.key(0), x)
+    assert ("conv_general_dilated" in _ops(lambda v: dw.apply(v, x), variables)) == (not on_cpu)

@@ -10,8 +10,16 @@ import jax.numpy as jnp
 
 from jaxad.backbones import winograd
 
-MAX_SHIFTED_TAPS = 27  # k²·C_in up to which XLA:CPU runs a convolution faster as shifted multiply-adds
-# (a 3×3 stem over RGB: faster at batch 1 and 16; a 7×7 one over RGB, 147 taps, is not)
+MAX_SHIFTED_TAPS = 27  # k²·C_in up to which XLA:CPU runs a dense convolution faster as shifted
+# multiply-adds (a 3×3 stem over RGB: faster at batch 1 and 16; a 7×7 one over RGB, 147 taps, is not)
+
+
+def shifted_sum_pays(taps: int, depthwise: bool = False) -> bool:
+    """Whether a convolution with ``taps`` inputs per output value (k²·C_in; k² for a depthwise one)
+    runs faster as :func:`_shifted_sum` than as XLA's convolution. On CPU: every depthwise one (XLA:CPU
+    runs one group per channel an order of magnitude slower) and dense ones up to
+    ``MAX_SHIFTED_TAPS``. Elsewhere never: GPU/TPU convolutions map to the vendors' kernels."""
+    return jax.default_backend() == "cpu" and (depthwise or taps <= MAX_SHIFTED_TAPS)
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -98,7 +106,7 @@ class FrozenConv(nn.Module):
         if (k, s) == (3, 1) and self.has_variable(winograd.COLLECTION, "kernel") and winograd.worthwhile(x.shape):
             return winograd.conv3x3(x, self.get_variable(winograd.COLLECTION, "kernel").astype(self.dtype))
         pads = _pads(x, k, s, self.symmetric)
-        if jax.default_backend() == "cpu" and k * k * x.shape[-1] <= MAX_SHIFTED_TAPS:
+        if shifted_sum_pays(k * k * x.shape[-1]):
             return _shifted_sum(x, kernel.astype(self.dtype), pads, s)
         return jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (s, s), pads,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -110,9 +118,8 @@ class DepthwiseConv(nn.Module):
     Padding: TF 'SAME' (the TF-trained EfficientNet-Lite weights), or torch's symmetric k//2
     (``symmetric=True``, torchvision's EfficientNet).
 
-    XLA:CPU runs grouped convolutions with one group per channel an order of magnitude slower than
-    the same arithmetic written as k² shifted multiply-adds, which it fuses into one loop; on
-    GPU/TPU the grouped convolution maps to the vendor kernels and is used as is.
+    ``impl="auto"`` picks by :func:`shifted_sum_pays`: k² shifted multiply-adds, which XLA fuses into
+    one loop, on CPU; the grouped convolution (the vendors' kernels) on GPU/TPU.
     """
 
     kernel_size: int
@@ -128,7 +135,7 @@ class DepthwiseConv(nn.Module):
         kernel = kernel.astype(self.dtype)
         x = x.astype(self.dtype)
         pads = _pads(x, k, s, self.symmetric)
-        impl = self.impl if self.impl != "auto" else ("shift" if jax.default_backend() == "cpu" else "grouped")
+        impl = self.impl if self.impl != "auto" else ("shift" if shifted_sum_pays(k * k, depthwise=True) else "grouped")
         if impl == "grouped":
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels
