@@ -26,6 +26,8 @@ SETTINGS: dict[str, tuple[tuple[str, ...], int]] = {
     "efficientnet_b0": (("features.2", "features.3"), 320),  # CPR-Faster
 }
 BATCHES = (1, 16)
+STAGE_BATCH, STAGE_ROUNDS = 1, 15  # per-tap timings: batch 1, where per-layer costs weigh most; more
+# rounds, since a stage's time is a difference of two medians
 ROUNDS, PER_ROUND = 5, 2  # alternating timing rounds per row, calls per side per round
 
 
@@ -36,6 +38,12 @@ def extraction(name: str, taps: tuple[str, ...], size: int, batch: int,
     bb = backbones.random_init(name, dtype=dtype)
     images = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32))
     return lambda: bb(images, taps)
+
+
+def stages(name: str, deepest: str) -> tuple[str, ...]:
+    """``name``'s taps in network order up to ``deepest``: where a per-stage timing cuts the forward."""
+    order = list(backbones.tap_info(name))
+    return tuple(order[: order.index(deepest) + 1])
 
 
 def gflop_per_image(name: str, taps: tuple[str, ...], size: int) -> float:

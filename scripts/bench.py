@@ -4,13 +4,14 @@
         [--variant [METHOD/]NAME:KEY=VALUE,KEY=VALUE ...] [--out BENCHMARKS.md] [--section NAME]
     python scripts/bench.py --distances [--max-n 10000000] [--section NAME]
     python scripts/bench.py --coreset [--coreset-budget 300] [--section NAME]
-    python scripts/bench.py --backbones [--backbone NAME ...] [--no-compile] [--section NAME]
+    python scripts/bench.py --backbones [--per-tap] [--backbone NAME ...] [--no-compile] [--section NAME]
 
 --distances times CRD against exact and 1%-coreset nearest neighbour on synthetic features for
 d in {152, 1536} and growing bank sizes, with a log-log plot beside --out. --coreset times the
 greedy coreset (10^5 and 10^6 patches of d=152, 1% and 10%). --backbones times jitted feature
 extraction per backbone against torchvision/timm (eager and torch.compile; needs the `port` extra)
-and measures the error of bfloat16 compute on the tapped maps.
+and measures the error of bfloat16 compute on the tapped maps; with --per-tap it times batch-1
+forwards that stop at each tap in turn, so each stage's share of the time shows on both sides.
 
 Each dataset folder under --data-root (a category in MVTec layout) is fitted and evaluated with
 every method's default config and every variant (a METHOD/ prefix limits a variant to one
@@ -53,6 +54,8 @@ def main() -> int:
     parser.add_argument("--backbones", action="store_true", help="time feature extraction per backbone instead")
     parser.add_argument("--no-compile", action="store_true", help="with --backbones: skip torch.compile")
     parser.add_argument("--backbone", action="append", help="with --backbones: only this one (repeatable)")
+    parser.add_argument("--per-tap", action="store_true",
+                        help="with --backbones: time batch-1 forwards to each tap in turn (time per stage)")
     args = parser.parse_args()
     command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.distances:
@@ -60,7 +63,7 @@ def main() -> int:
     if args.coreset:
         return coreset(args, command)
     if args.backbones:
-        return backbone_speed(args, command)
+        return backbone_stages(args, command) if args.per_tap else backbone_speed(args, command)
     shared = ROOT.parent / "shared" / "data"
     if args.data_root == "synthetic" or (args.data_root is None and not shared.is_dir()):
         root = synthetic.ensure()
@@ -130,33 +133,46 @@ def distances(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def backbone_speed(args: argparse.Namespace, command: str) -> int:
-    import torch_reference  # the torch side lives beside this script: jaxad never imports torch
-
+def _benchmarked_backbones(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...], int]]:
+    """(name, taps, input size) of every backbone ``--backbone`` selects (default: all)."""
     unknown = sorted(set(args.backbone or ()) - set(backbone_benchmark.SETTINGS))
     if unknown:
         raise SystemExit(f"--backbone {unknown}: not benchmarked; choose from {sorted(backbone_benchmark.SETTINGS)}")
-    rows, errors = [], []
+    return [(name, taps, size) for name, (taps, size) in backbone_benchmark.SETTINGS.items()
+            if name in backbones.names() and (not args.backbone or name in args.backbone)]
+
+
+def _torch_calls(args: argparse.Namespace, name: str, taps: tuple[str, ...], size: int,
+                 batch: int) -> tuple[dict, str | None]:
+    """The torch side's calls (eager, and compiled unless --no-compile) and, when there is no
+    compiled call, why: 'skipped' or torch.compile's failure."""
+    import torch_reference  # the torch side lives beside this script: jaxad never imports torch
+
     device = "cpu" if jax.default_backend() == "cpu" else "cuda"
+    calls = {"torch_eager": torch_reference.extraction(name, taps, size, batch, device=device)}
+    if args.no_compile:
+        return calls, "skipped"
+    try:
+        compiled = torch_reference.extraction(name, taps, size, batch, compiled=True, device=device)
+        compiled()  # torch.compile fails, if it does, on the first call
+    except Exception as e:  # noqa: BLE001  (torch.compile's failures are reported, not fatal)
+        return calls, f"failed: {type(e).__name__}"
+    return {**calls, "torch_compile": compiled}, None
+
+
+def backbone_speed(args: argparse.Namespace, command: str) -> int:
+    rows, errors = [], []
     section = args.section or f"backbones-{jax.default_backend()}"
     reference = timing.matmul_gflops()
-    for name, (taps, size) in backbone_benchmark.SETTINGS.items():
-        if name not in backbones.names() or (args.backbone and name not in args.backbone):
-            continue
+    for name, taps, size in _benchmarked_backbones(args):
         gflop = backbone_benchmark.gflop_per_image(name, taps, size)
         for batch in backbone_benchmark.BATCHES:
+            torch_calls, no_compile = _torch_calls(args, name, taps, size, batch)
             calls = {"jaxad": backbone_benchmark.extraction(name, taps, size, batch),
                      "jaxad_bf16": backbone_benchmark.extraction(name, taps, size, batch, jnp.bfloat16),
-                     "torch_eager": torch_reference.extraction(name, taps, size, batch, device=device)}
+                     **torch_calls}
             row = {"backbone": name, "taps": "+".join(taps), "size": size, "batch": batch, "gflop": gflop,
-                   "torch_compile": "skipped"}
-            if not args.no_compile:
-                try:
-                    compiled = torch_reference.extraction(name, taps, size, batch, compiled=True, device=device)
-                    compiled()  # torch.compile fails, if it does, on the first call
-                    calls["torch_compile"] = compiled
-                except Exception as e:  # noqa: BLE001  (torch.compile's failures are reported, not fatal)
-                    row["torch_compile"] = f"failed: {type(e).__name__}"
+                   "torch_compile": no_compile}
             seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.ROUNDS, backbone_benchmark.PER_ROUND)
             row.update({side: batch / s for side, s in seconds.items()})
             row["jaxad_gflops"] = row["jaxad"] * gflop
@@ -172,6 +188,57 @@ def backbone_speed(args: argparse.Namespace, command: str) -> int:
         benchmark.write_section(args.out, section, _backbone_section(rows, errors, reference, command, args.note))
     print(f"wrote section {section!r} of {args.out}")
     return 0
+
+
+def backbone_stages(args: argparse.Namespace, command: str) -> int:
+    """Times forwards that stop at each tap in turn; a stage's time is the difference between the
+    forward to its tap and the forward to the tap before."""
+    import torch_reference
+
+    rows = []
+    section = args.section or f"backbone-stages-{jax.default_backend()}"
+    batch = backbone_benchmark.STAGE_BATCH
+    for name, taps, size in _benchmarked_backbones(args):
+        previous: dict[str, float] = {}
+        for tap in backbone_benchmark.stages(name, taps[-1]):
+            if not torch_reference.reaches(name, tap):
+                continue
+            torch_calls, no_compile = _torch_calls(args, name, (tap,), size, batch)
+            calls = {"jaxad": backbone_benchmark.extraction(name, (tap,), size, batch), **torch_calls}
+            seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.STAGE_ROUNDS,
+                                                        backbone_benchmark.PER_ROUND)
+            row: dict = {"backbone": name, "size": size, "tap": tap, "torch_compile_ms": no_compile}
+            for side, s in seconds.items():
+                row[f"{side}_ms"] = 1e3 * s
+                row[f"{side}_stage_ms"] = 1e3 * (s - previous.get(side, 0.0))
+            for side, ratio in (("torch_eager", "stage_jaxad_over_torch"), ("torch_compile", "stage_jaxad_over_compile")):
+                mine, theirs = row["jaxad_stage_ms"], row.get(f"{side}_stage_ms")
+                row[ratio] = theirs / mine if theirs is not None and theirs > 0 and mine > 0 else "–"
+            previous = seconds
+            rows.append(row)
+            print(row, flush=True)
+        benchmark.write_section(args.out, section, _stage_section(rows, command, args.note))
+    print(f"wrote section {section!r} of {args.out}")
+    return 0
+
+
+def _stage_section(rows: list[dict], command: str, note: str = "") -> str:
+    columns = ["backbone", "size", "tap", "jaxad_ms", "torch_eager_ms", "torch_compile_ms", "jaxad_stage_ms",
+               "torch_eager_stage_ms", "torch_compile_stage_ms", "stage_jaxad_over_torch", "stage_jaxad_over_compile"]
+    return "\n".join([
+        f"## Feature extraction per stage: jaxad (jit) against torchvision/timm, batch {backbone_benchmark.STAGE_BATCH}, milliseconds", "",
+        *report.provenance(command, f"{benchmark.machine()}, torch threads = CPU cores"), "",
+        report.markdown_table(rows, columns), "",
+        "Each row times forwards that stop at `tap` (random weights; the backbone's input size in the "
+        "methods' settings) on every side, in "
+        f"{backbone_benchmark.STAGE_ROUNDS} alternating rounds of {backbone_benchmark.PER_ROUND} calls each. "
+        "`*_stage_ms`: that forward's median time less the previous row's, i.e. the stage that ends at "
+        "`tap` (the first row: input to its tap); `stage_jaxad_over_*`: the other side's stage time over "
+        "jaxad's, above 1 where jaxad's stage is faster. Differences of medians carry the noise of both; "
+        "a stage of a few milliseconds or less can come out negative, and then has no ratio (–). "
+        "timm's EfficientNet-Lite stops only at the ends of its stride stages, so Lite rows skip the taps in between.",
+        *(["", note] if note else []),
+    ])
 
 
 def _verdict(rows: list[dict], ratio: str, against: str) -> str:

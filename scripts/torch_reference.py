@@ -10,6 +10,16 @@ import os
 from collections.abc import Callable
 
 
+# timm's EfficientNet-Lite stage outputs at strides 4/8/16/32 are jaxad's stage1/stage2/stage4/stage6
+LITE_STAGES = {"stage1": 1, "stage2": 2, "stage4": 3, "stage6": 4}
+
+
+def reaches(name: str, tap: str) -> bool:
+    """Whether the torch model of ``name`` can stop at jaxad's ``tap`` (timm's EfficientNet-Lite
+    only at the ends of its stride stages; torchvision's models at every tap)."""
+    return not name.startswith("efficientnet_lite") or tap in LITE_STAGES
+
+
 def _extractor(name: str, taps: tuple[str, ...]):
     import timm
     import torch
@@ -17,10 +27,8 @@ def _extractor(name: str, taps: tuple[str, ...]):
     from torchvision.models.feature_extraction import create_feature_extractor
 
     if name.startswith("efficientnet_lite"):
-        # timm's stage outputs at strides 4/8/16/32 are jaxad's stage1/stage2/stage4/stage6
-        index = {"stage1": 1, "stage2": 2, "stage4": 3, "stage6": 4}
         model = timm.create_model(f"tf_{name}", pretrained=False, features_only=True,
-                                  out_indices=tuple(index[t] for t in taps))
+                                  out_indices=tuple(LITE_STAGES[t] for t in taps))
     else:
         model = create_feature_extractor(getattr(torchvision.models, name)(weights=None), {t: t for t in taps})
     torch.set_num_threads(os.cpu_count() or 1)

@@ -23,3 +23,8 @@ def test_interleaved_timing_alternates_the_contenders_round_by_round():
     seconds = timing.interleaved_median_seconds(fns, rounds=3, per_round=2, warmup=1, pause=0.0)
     assert calls == ["jaxad", "torch"] + ["jaxad", "jaxad", "torch", "torch"] * 3
     assert set(seconds) == {"jaxad", "torch"} and all(s >= 0 for s in seconds.values())
+
+
+def test_stages_run_in_network_order_up_to_the_deepest_tap():
+    assert backbone_benchmark.stages("resnet18", "layer2") == ("conv1", "maxpool", "layer1", "layer2")
+    assert backbone_benchmark.stages("resnet18", "conv1") == ("conv1",)
