@@ -61,9 +61,13 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, backbone: backbones
 
 
 def make_predictor(config: ml_collections.ConfigDict, backbone: backbones.Backbone, saved: dict):
-    """A jitted ``images -> (scores, maps)`` closing over the fitted state."""
+    """A jitted ``images -> (scores, maps)`` closing over the fitted state.
+
+    The state (read back as numpy) is put on the device here, once: numpy arguments of a jitted
+    call are copied to the device on every call, which for a CPR reference bank of gigabytes costs
+    more than the prediction itself."""
     method = methods.get(config.method)
-    state = {"backbone": backbone.variables, **saved}
+    state = jax.device_put({"backbone": backbone.variables, **saved})
     predict = jax.jit(partial(method.predict, config, backbone))
     return lambda images: predict(state, images)
 

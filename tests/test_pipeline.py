@@ -5,10 +5,13 @@ import runpy
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from jaxad import checkpoint, pipeline
 from jaxad.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +86,18 @@ def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
     lines = out.strip().splitlines()
     assert len(lines) == 3 and all(float(line.split()[0]) >= 0 for line in lines)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
+
+
+def test_the_predictor_puts_the_fitted_state_on_the_device_once(fitted):
+    """The state comes back from disk as numpy; were it passed as such, every call would copy it to
+    the device again (the whole reference bank of CPR). After the first call none may."""
+    config, saved = checkpoint.load(fitted)
+    predictor = pipeline.make_predictor(config, pipeline.load_backbone(config), saved)
+    images = jnp.zeros((2, config.image_size, config.image_size, 3), jnp.float32)
+    first = predictor(images)
+    with jax.transfer_guard_host_to_device("disallow"):
+        again = predictor(images)
+    np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(again[0]))
 
 
 def _one_line_error(code: int, err: str, *fragments: str) -> None:
