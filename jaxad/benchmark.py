@@ -106,16 +106,19 @@ def run(
     return rows
 
 
-def variants(methods: Sequence[str], specs: Sequence[str], config_dir: Path) -> dict[tuple[str, str], ml_collections.ConfigDict]:
+def variants(methods: Sequence[str], specs: Sequence[str], config_dir: Path,
+             with_default: bool = True) -> dict[tuple[str, str], ml_collections.ConfigDict]:
     """Configs keyed by (method, variant) from ``[METHOD/]NAME:KEY=VALUE,...`` strings.
 
     A variant with a ``METHOD/`` prefix applies to that method only, one without to every method;
-    each method also runs its ``default`` config unless a variant of its own is named ``default``.
+    each method also runs its ``default`` config unless a variant of its own is named ``default``
+    or ``with_default`` is false.
     """
     out = {}
     for method in methods:
         base = load_config(config_path(method, config_dir))
-        out[(method, "default")] = base
+        if with_default:
+            out[(method, "default")] = base
         for spec in specs:
             head, _, body = spec.partition(":")
             scope, _, name = head.rpartition("/")

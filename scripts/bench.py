@@ -1,7 +1,7 @@
 """Benchmark methods on every dataset under a root and write the results into BENCHMARKS.md.
 
     python scripts/bench.py --method crd [--method padim ...] [--data-root ../shared/data]
-        [--variant [METHOD/]NAME:KEY=VALUE,KEY=VALUE ...] [--out BENCHMARKS.md] [--section NAME]
+        [--variant [METHOD/]NAME:KEY=VALUE,KEY=VALUE ...] [--no-default] [--out BENCHMARKS.md] [--section NAME]
     python scripts/bench.py --distances [--max-n 10000000] [--section NAME]
     python scripts/bench.py --coreset [--coreset-budget 300] [--section NAME]
     python scripts/bench.py --backbones [--per-tap] [--backbone NAME ...] [--no-compile] [--section NAME]
@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], help="[METHOD/]NAME:KEY=VALUE,... (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--section", help="section name in --out (default: METHOD-DATAROOTNAME)")
+    parser.add_argument("--no-default", action="store_true",
+                        help="run only the --variant configs, not each method's default config too")
     parser.add_argument("--note", default="", help="sentence printed under the tables (e.g. the schedule used)")
     parser.add_argument("--few-shot", help="comma-separated training-set sizes, e.g. 5,10,25,50,all: "
                         "image AUROC against the number of normal training images, plotted per dataset")
@@ -72,7 +74,7 @@ def main() -> int:
     datasets = [c for d in sorted(p for p in root.iterdir() if p.is_dir()) for c in find_categories(d)] \
         if not (root / "train").is_dir() else [root]
     methods = args.method or ["crd"]
-    configs = benchmark.variants(methods, args.variant, ROOT / "configs")
+    configs = benchmark.variants(methods, args.variant, ROOT / "configs", with_default=not args.no_default)
     section = args.section or f"{'-'.join(methods)}-{root.resolve().name}"
     if args.few_shot:
         return few_shot(args, command, configs, datasets, section)

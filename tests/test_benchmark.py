@@ -16,6 +16,8 @@ def test_variants_scope_to_their_method():
     assert configs[("padim", "few")].num_channels == 20 and configs[("padim", "default")].num_channels == 100
     with pytest.raises(ConfigError, match="patchcore"):
         benchmark.variants(["crd"], ["patchcore/x:coreset_ratio=0.5"], CONFIGS_DIR)
+    only = benchmark.variants(["crd", "padim"], ["small:image_size=64"], CONFIGS_DIR, with_default=False)
+    assert sorted(only) == [("crd", "small"), ("padim", "small")]
 
 
 def test_variant_values_may_hold_commas_inside_brackets_and_quotes():
