@@ -77,6 +77,21 @@ def test_ablations_of_the_untrained_cascade_predict(untrained, category):
     assert (results["no_feb"] >= results["full"] - 1e-5).all()  # the gate F* is in [0, 1]
 
 
+def test_a_batch_scores_like_its_images_one_by_one(untrained, category):
+    """Whether predict takes the batch at once or one image at a time (CPU), each image's score and
+    map are its own, in order."""
+    config, saved = checkpoint.load(untrained)
+    backbone = backbones.load(config.backbone)
+    state = {**jax.tree.map(jnp.asarray, saved), "backbone": backbone.variables}
+    images = next(iterate_batches(open_dataset(category).test, (64, 64), 4)).images
+    run = jax.jit(lambda s, x: cpr.predict(config, backbone, s, x))
+    scores, maps = run(state, images)
+    for i in range(4):
+        one_score, one_map = run(state, images[i:i + 1])
+        np.testing.assert_allclose(np.asarray(scores[i]), np.asarray(one_score[0]), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(maps[i]), np.asarray(one_map[0]), rtol=1e-5, atol=1e-6)
+
+
 def test_trained_local_branch_end_to_end(category, tmp_path):
     workdir = tmp_path / "w"
     _check_metrics(fit("cpr_faster", category, workdir, "--config.train_steps=4", "--config.validate_every=2"))
