@@ -224,12 +224,16 @@ def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, 
     """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); jit with config/backbone bound.
 
     On CPU the images go through one at a time (``lax.map``): a whole batch's window stacks and
-    image-sized maps overflow the caches, and one at a time was about 1.5× faster per image at
-    batch 16. On GPU/TPU the batch is one computation."""
-    if jax.default_backend() == "cpu" and images.shape[0] > 1:
-        one = lambda image: tuple(out[0] for out in _predict(config, backbone, state, image[None]))  # noqa: E731
-        return jax.lax.map(one, images)
-    return _predict(config, backbone, state, images)
+    image-sized maps overflow the caches; at batch 16 one at a time gave CPR-Faster 1.8× the
+    throughput (BENCHMARKS.md, cpr-speed-mvtec_bottle-cpu). On GPU/TPU the batch is one computation."""
+    if jax.default_backend() != "cpu" or images.shape[0] == 1:
+        return _predict(config, backbone, state, images)
+
+    def one(image: jax.Array) -> tuple[jax.Array, jax.Array]:
+        score, pixel = _predict(config, backbone, state, image[None])
+        return score[0], pixel[0]
+
+    return jax.lax.map(one, images)
 
 
 def _predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
