@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
+from jaxad import parallel
 from jaxad.backbones import hub, winograd
 from jaxad.backbones.torch_weights import read_state_dict
 from jaxad.errors import ConfigError, DataError, WeightsError
@@ -100,13 +101,7 @@ def _forward(module: nn.Module, taps: tuple[str, ...], variables: dict, images: 
 def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     """Compiled once per (module, taps, input shape), shared by every Backbone of that module."""
     images = jnp.asarray(images, jnp.float32)
-    if jax.default_backend() != "cpu" or jax.device_count() > 1 or images.shape[0] <= CPU_MICRO_BATCH:
-        return _forward(module, taps, variables, images)
-
-    def one(image: jax.Array) -> dict[str, jax.Array]:  # lax.map batches it CPU_MICRO_BATCH at a time
-        return {t: m[0] for t, m in _forward(module, taps, variables, image[None]).items()}
-
-    return jax.lax.map(one, images, batch_size=CPU_MICRO_BATCH)
+    return parallel.in_small_batches_on_cpu(partial(_forward, module, taps, variables), images, CPU_MICRO_BATCH)
 
 
 def _with_winograd_kernels(variables: Mapping[str, Any]) -> dict:

@@ -17,6 +17,7 @@ with ``use_lrb`` the branches' ``params``/``batch_stats`` and ``validation``, wi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import postprocess, training
+from jaxad import parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.cpr import anomalies, foreground, local, retrieval
 from jaxad.cpr import train as lrb_training
@@ -223,17 +224,10 @@ def fused_foreground(state: dict, first: jax.Array, neighbours: jax.Array, size:
 def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); jit with config/backbone bound.
 
-    On CPU the images go through one at a time (``lax.map``): a whole batch's window stacks and
+    On a single CPU device the images go through one at a time: a whole batch's window stacks and
     image-sized maps overflow the caches; at batch 16 one at a time gave CPR-Faster 1.8× the
     throughput (BENCHMARKS.md, cpr-speed-mvtec_bottle-cpu). On GPU/TPU the batch is one computation."""
-    if jax.default_backend() != "cpu" or images.shape[0] == 1:
-        return _predict(config, backbone, state, images)
-
-    def one(image: jax.Array) -> tuple[jax.Array, jax.Array]:
-        score, pixel = _predict(config, backbone, state, image[None])
-        return score[0], pixel[0]
-
-    return jax.lax.map(one, images)
+    return parallel.in_small_batches_on_cpu(partial(_predict, config, backbone, state), images, 1)
 
 
 def _predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
