@@ -15,9 +15,10 @@ A teacher is saved as a folder: ``teacher.json`` (PDN size, backbone, taps, size
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -144,10 +145,11 @@ def optimiser(lr: float, weight_decay: float) -> optax.GradientTransformation:
 
 def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray], *,
            stats_batches: Iterator[np.ndarray], checkpoint_dir: str | Path | None = None,
-           checkpoint_every: int = 1000, mesh: Mesh | None = None) -> dict:
+           checkpoint_every: int = 1000, mesh: Mesh | None = None, run: Mapping[str, Any] | None = None) -> dict:
     """Train a padded PDN on the standardised targets; returns {'params', 'mean', 'std'}.
 
-    Data-parallel over ``mesh`` (default: the devices that divide the batch size).
+    Data-parallel over ``mesh`` (default: the devices that divide the batch size). Checkpoints in
+    ``checkpoint_dir`` are resumed only under the same ``run`` (see :func:`jaxad.training.train`).
 
     ``batches`` and ``stats_batches`` yield [B, S, S, 3] images in [0, 1] with S ≥ both sizes
     (they are resized on the device to ``image_size`` and ``target_size``).
@@ -182,7 +184,7 @@ def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray]
         return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, {"loss": loss}
 
     state, _ = training.train(step, state, batches, settings.steps, key_train, checkpoint_dir=checkpoint_dir,
-                              checkpoint_every=checkpoint_every, desc="distil teacher",
+                              checkpoint_every=checkpoint_every, desc="distil teacher", run=run,
                               mesh=parallel.training_mesh(settings.batch_size) if mesh is None else mesh)
     return {"params": state["params"], "mean": jnp.asarray(mean), "std": jnp.asarray(std)}
 

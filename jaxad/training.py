@@ -3,12 +3,16 @@
 A method supplies its train state (any pytree of arrays: params, optimiser state, BatchNorm
 statistics, step counter), a jitted ``step(state, batch, key) -> (state, metrics)`` and an
 endless batch source. ``train`` resumes from the newest checkpoint in ``checkpoint_dir`` when there
-is one, so an interrupted fit continues where it stopped instead of starting over.
+is one written by the same run, so an interrupted fit continues where it stopped instead of starting
+over; checkpoints of another run (another configuration or data, or more steps than asked for) are
+replaced, never resumed into a model that belongs to neither.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,16 @@ from jaxad import parallel
 from jaxad.errors import DataError, NumericsError
 
 Step = Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
+
+RUN_FILE = "run.json"  # beside the checkpoints: what defines the run that wrote them
+
+
+def run_identity(config: Mapping[str, Any], length_keys: tuple[str, ...] = ("train_steps",)) -> dict[str, Any]:
+    """What makes two fits the same run, so one may resume the other's checkpoints: the config
+    (data path included) less the keys that set how long it trains (``length_keys``, so a longer
+    run continues a shorter one) and where and how often it is checkpointed."""
+    dropped = {*length_keys, "checkpoint_every", "workdir"}
+    return {k: v for k, v in config.items() if k not in dropped}
 
 
 def collect_images(batches, progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -68,6 +82,29 @@ def _manager(checkpoint_dir: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(checkpoint_dir.resolve(), options=options)
 
 
+def _resumable_manager(checkpoint_dir: Path, run: Mapping[str, Any], steps: int, desc: str) -> ocp.CheckpointManager:
+    """The checkpoint manager of ``checkpoint_dir``, after deleting its checkpoints when they were
+    written by another run than ``run`` (or record no run) or reach past ``steps``: resuming those
+    would return a model trained under other settings."""
+    record = json.dumps(run, sort_keys=True, default=str)
+    manager = _manager(checkpoint_dir, keep=2)
+    latest = manager.latest_step()
+    if latest is not None:
+        written = checkpoint_dir / RUN_FILE
+        why = ("they record no run" if not written.is_file() else
+               "another configuration or data wrote them" if written.read_text() != record else
+               f"they reach step {latest}, past the {steps} asked for" if latest > steps else None)
+        if why is None:
+            print(f"{desc}: resuming from step {latest} in {checkpoint_dir}", file=sys.stderr)
+            return manager
+        print(f"{desc}: not resuming the checkpoints in {checkpoint_dir} ({why}); training from step 0",
+              file=sys.stderr)
+        for old in manager.all_steps():
+            manager.delete(old)
+    (checkpoint_dir / RUN_FILE).write_text(record)
+    return manager
+
+
 def train(
     step: Step,
     state: Any,
@@ -80,6 +117,7 @@ def train(
     desc: str = "train",
     log_every: int = 50,
     mesh: Mesh | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
     """Run ``step`` until ``steps`` optimiser steps are done; returns (state, logged metrics).
 
@@ -87,10 +125,12 @@ def train(
     draws the same noise a continuous one would. A non-finite loss stops training with an error
     naming the step instead of saving NaN weights. With ``mesh`` the state is replicated and every
     batch split along its first axis over the mesh: the jitted step then runs data-parallel.
+    Checkpoints in ``checkpoint_dir`` are resumed only when they were written under the same ``run``
+    (:func:`run_identity` of the config) and have at most ``steps`` steps.
     """
     start, manager = 0, None
     if checkpoint_dir is not None:
-        manager = _manager(Path(checkpoint_dir), keep=2)
+        manager = _resumable_manager(Path(checkpoint_dir), run or {}, steps, desc)
         latest = manager.latest_step()
         if latest is not None:
             state = manager.restore(latest, args=ocp.args.StandardRestore(state))

@@ -227,3 +227,18 @@ def test_cli_fits_evaluates_and_reloads(gear, tmp_path, capsys):
     again = json.loads((workdir / "metrics.json").read_text())
     assert again["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
     assert again["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
+
+
+def test_a_refit_with_another_config_trains_afresh(gear, tmp_path, capsys):
+    """The workdir's checkpoints of a first fit are not resumed by a second with other settings
+    (resuming them returned the first model, or failed on the changed shapes)."""
+    workdir, common = tmp_path / "w", ("--config.train_steps=4", "--config.validate_every=2")
+    code, _, err = run_script("fit.py", "--method", "simplenet", "--data", gear, "--workdir", workdir, *SMALL, *common,
+                              "--config.hidden_dim=32", capsys=capsys)
+    assert code == 0, err
+    code, _, err = run_script("fit.py", "--method", "simplenet", "--data", gear, "--workdir", workdir, *SMALL, *common,
+                              "--config.hidden_dim=16", capsys=capsys)
+    assert code == 0, err
+    assert "not resuming" in err
+    _, saved = checkpoint.load(workdir)
+    assert saved["discriminator"]["Dense_0"]["kernel"].shape[-1] == 16

@@ -1,4 +1,5 @@
-"""The shared training loop: resuming from a checkpoint equals training straight through."""
+"""The shared training loop: resuming from a checkpoint equals training straight through, and
+only a run's own checkpoints are resumed."""
 
 from __future__ import annotations
 
@@ -43,6 +44,39 @@ def test_resume_matches_a_continuous_run(tmp_path):
     resumed, _ = training.train(step, state, _batches(), 60, key, checkpoint_dir=tmp_path, checkpoint_every=5)
     np.testing.assert_allclose(resumed["params"]["w"], straight["params"]["w"], rtol=1e-6)
     assert float(jnp.abs(straight["params"]["w"] - jnp.array([1.0, -2.0, 0.5])).max()) < 0.1
+
+
+def test_checkpoints_of_another_run_are_not_resumed(tmp_path, capsys):
+    key = jax.random.key(0)
+    step, state = _problem(lr=0.1)
+    training.train(step, state, _batches(), 12, key, checkpoint_dir=tmp_path, checkpoint_every=5, run={"lr": 0.1})
+    step, state = _problem(lr=0.5)
+    straight, _ = training.train(step, state, _batches(), 12, key)
+    again, _ = training.train(step, state, _batches(), 12, key, checkpoint_dir=tmp_path, checkpoint_every=5,
+                              run={"lr": 0.5})
+    np.testing.assert_allclose(again["params"]["w"], straight["params"]["w"], rtol=1e-6)
+    assert "another configuration or data wrote them" in capsys.readouterr().err
+
+
+def test_checkpoints_past_the_steps_asked_for_or_of_no_recorded_run_are_not_resumed(tmp_path, capsys):
+    step, state = _problem()
+    key = jax.random.key(0)
+    training.train(step, state, _batches(), 12, key, checkpoint_dir=tmp_path, checkpoint_every=5, run={"a": 1})
+    straight, _ = training.train(step, state, _batches(), 6, key)
+    shorter, _ = training.train(step, state, _batches(), 6, key, checkpoint_dir=tmp_path, checkpoint_every=5,
+                                run={"a": 1})
+    np.testing.assert_allclose(shorter["params"]["w"], straight["params"]["w"], rtol=1e-6)
+    assert "past the 6 asked for" in capsys.readouterr().err
+    (tmp_path / training.RUN_FILE).unlink()
+    unrecorded, _ = training.train(step, state, _batches(), 6, key, checkpoint_dir=tmp_path, run={"a": 1})
+    np.testing.assert_allclose(unrecorded["params"]["w"], straight["params"]["w"], rtol=1e-6)
+    assert "record no run" in capsys.readouterr().err
+
+
+def test_run_identity_leaves_out_length_and_checkpointing():
+    config = {"lr": 0.1, "train_steps": 400, "checkpoint_every": 100, "workdir": "/w", "data": "/d"}
+    assert training.run_identity(config) == {"lr": 0.1, "data": "/d"}
+    assert training.run_identity({**config, "steps": 9}, ("steps",)) == {"lr": 0.1, "train_steps": 400, "data": "/d"}
 
 
 def test_non_finite_loss_names_the_step():

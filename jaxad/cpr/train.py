@@ -314,7 +314,7 @@ def run(config: ml_collections.ConfigDict, backbone: Backbone, data: dict, chann
     state, history = training.train(
         step, state, itertools.repeat(None), config.train_steps, key_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
-        desc="cpr", log_every=config.validate_every)
+        desc="cpr", log_every=config.validate_every, run=training.run_identity(config.to_dict()))
     use_best = val is not None and config.select == "best" and bool(np.isfinite(float(state["best_auroc"])))
     chosen = state["best"] if use_best else {"params": state["params"], "batch_stats": state["batch_stats"]}
     summary = {"best_auroc": float(state["best_auroc"]), "best_step": int(state["best_step"]),

@@ -182,7 +182,8 @@ def teacher_for(config: ml_collections.ConfigDict, backbone: Backbone, images: n
     teacher = distillation.distil(
         settings, backbone, training.random_batches(images, settings.batch_size, config.seed),
         stats_batches=training.random_batches(images, settings.batch_size, config.seed + 1),
-        checkpoint_dir=None if workdir is None else workdir / "teacher", checkpoint_every=config.checkpoint_every)
+        checkpoint_dir=None if workdir is None else workdir / "teacher", checkpoint_every=config.checkpoint_every,
+        run=training.run_identity(config.to_dict(), ("teacher_steps", "train_steps")))
     source = (f"distilled here on {len(images)} training images, {config.teacher_steps} steps, "
               f"from {config.backbone} {tuple(config.taps)} (CPU stand-in, not an ImageNet teacher)")
     return teacher, source
@@ -294,7 +295,8 @@ def fit_images(config: ml_collections.ConfigDict, images: np.ndarray, backbone: 
         make_step(config, frozen), {"params": params, "opt": optimiser(config).init(params)},
         train_batches(config, train_images), config.train_steps, k_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
-        desc="efficientad", log_every=config.log_every, mesh=parallel.training_mesh(config.train_batch_size))
+        desc="efficientad", log_every=config.log_every, mesh=parallel.training_mesh(config.train_batch_size),
+        run=training.run_identity(config.to_dict()))
     train_seconds = time.perf_counter() - start
     state = {**frozen, **trained["params"], "penalty": np.int32(uses_penalty(config))}
     state["quantiles"] = validation_quantiles(config, state, images[val_idx])

@@ -317,7 +317,8 @@ def fit(
         make_step(config, train_features, val_features, mesh), state,
         itertools.repeat(None), config.train_steps, key_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
-        desc="simplenet", log_every=config.validate_every)  # logged steps are validated steps: val_loss is fresh
+        desc="simplenet", log_every=config.validate_every,  # logged steps are validated steps: val_loss is fresh
+        run=training.run_identity(config.to_dict()))
     train_seconds = time.perf_counter() - start
     chosen = state["best"] if config.select == "best" else {"params": state["params"], "batch_stats": state["batch_stats"]}
     selected_step = state["best_step"] if config.select == "best" else state["step"]
