@@ -239,6 +239,13 @@ def test_float_tiff(tmp_path):
     np.testing.assert_allclose(read_image(path)[0, :, 1], [0.0, 0.25, 1.0])
 
 
+def test_a_float_image_with_nan_or_inf_is_refused_by_name(tmp_path):
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.array([[0.5, np.nan, np.inf]], np.float32)).save(path)
+    with pytest.raises(DataError, match=r"nan\.tif: 2 pixel\(s\) are NaN or infinite"):
+        read_image(path)
+
+
 def test_read_mask_thresholds(tmp_path):
     eight = np.array([[0, 127, 128, 255]], np.uint8)
     assert read_mask(_save(tmp_path / "m.png", eight)).tolist() == [[False, False, True, True]]

@@ -58,12 +58,16 @@ def to_rgb(img: Image.Image, path: str | os.PathLike) -> Image.Image | np.ndarra
     """An RGB PIL image for 8-bit sources, or an [H,W,3] float32 array in [0,1] for deeper ones.
 
     16-bit and 32-bit integer greyscale are divided by their bit depth's maximum; float ("F")
-    images are taken to hold values in [0,1] and clipped. PIL reads 48-bit RGB PNGs as 8-bit RGB.
+    images are taken to hold values in [0,1] and clipped, and must be finite (a NaN would pass the
+    clip and turn every score it reaches into NaN). PIL reads 48-bit RGB PNGs as 8-bit RGB.
     """
     if img.mode.startswith("I") or img.mode == "F":
         grey = np.asarray(img, dtype=np.float32)
         if img.mode != "F":
             grey = grey / _integer_max(img)
+        elif not np.isfinite(grey).all():
+            raise DataError(f"{path}: {int((~np.isfinite(grey)).sum())} pixel(s) are NaN or infinite; "
+                            "re-export the image with finite values")
         return np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1)
     return img if img.mode == "RGB" else _convert(img, "RGB", path)
 
