@@ -21,13 +21,14 @@ from jaxad.errors import ConfigError
 MARKER = "jaxad_run.json"
 
 
-def prepare_workdir(workdir: str | Path) -> Path:
-    """Create ``workdir`` or reuse one that jaxad made; refuse a folder holding other files."""
+def prepare_workdir(workdir: str | Path, option: str = "--workdir") -> Path:
+    """Create ``workdir`` or reuse one that jaxad made; refuse a folder holding other files.
+    ``option`` names the command-line flag that chose the folder, for the error."""
     workdir = Path(workdir).expanduser().resolve()
     if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"{workdir}: --workdir is a file; choose a folder")
+        raise ConfigError(f"{workdir}: {option} is a file; choose a folder")
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
-        raise ConfigError(f"{workdir}: holds files that jaxad did not write; choose an empty or new --workdir")
+        raise ConfigError(f"{workdir}: holds files that jaxad did not write; choose an empty or new {option}")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text(json.dumps({"written_by": "jaxad"}) + "\n")
     return workdir

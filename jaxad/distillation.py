@@ -29,8 +29,8 @@ from PIL import Image
 
 from jaxad import checkpoint, features, parallel, training
 from jaxad.backbones import Backbone
-from jaxad.data.images import IMAGE_EXTENSIONS, read_image
-from jaxad.errors import ConfigError, DataError
+from jaxad.data.images import read_image
+from jaxad.errors import ConfigError
 from jaxad.nets import PDN, imagenet_normalise, pdn_output_size
 
 TEACHER_CHANNELS = 384
@@ -96,17 +96,6 @@ def resize_images(images: jax.Array, size: int) -> jax.Array:
     if images.shape[1:3] == (size, size):
         return images
     return jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear", antialias=True)
-
-
-def image_files(folder: str | Path) -> list[Path]:
-    """Every image file under ``folder`` (recursive, sorted), for any folder of generic images."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found; check the path")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not paths:
-        raise DataError(f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) found under it")
-    return paths
 
 
 def read_square(path: Path, size: int) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxad import backbones, checkpoint, methods, metrics, report
-from jaxad.data import Dataset, find_categories, iterate_batches, open_dataset, read_image, resize_image
+from jaxad.data import Dataset, find_categories, image_files, iterate_batches, open_dataset, read_image, resize_image
 from jaxad.errors import ConfigError
 
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
@@ -162,9 +162,26 @@ def reevaluate(workdir: Path, data: Path | None = None) -> dict:
     return evaluate(config, make_predictor(config, backbone, saved), dataset, Path(workdir))
 
 
+def input_images(paths: list[Path]) -> list[Path]:
+    """The image files named on a command line, each folder replaced by the images under it."""
+    return [found for p in paths for found in (image_files(p) if Path(p).is_dir() else [Path(p)])]
+
+
+def distinct_names(paths: list[Path]) -> list[str]:
+    """Names for the maps of ``paths``: each file's stem, led by as many of its folders as it takes
+    to tell it from the others (``good/000.png`` and ``crack/000.png`` → ``good_000``, ``crack_000``)."""
+    stems = [Path(p).with_suffix("").parts for p in paths]
+    depth = 1
+    while depth < max(map(len, stems), default=1) and len({s[-depth:] for s in stems}) < len(stems):
+        depth += 1
+    return ["_".join(s[-depth:]) for s in stems]
+
+
 def predict_files(workdir: Path, paths: list[Path], out_dir: Path) -> list[float]:
-    """Score image files with a fitted workdir; maps written to ``out_dir``; one score per image."""
+    """Score image files with a fitted workdir; one score per image. Maps go to ``out_dir``, which
+    must be new, empty or jaxad's own (a map must never replace a user's file, such as an input)."""
     config, saved = checkpoint.load(workdir)
+    out_dir = checkpoint.prepare_workdir(out_dir, "--out")
     backbone = load_backbone(config)
     predictor = make_predictor(config, backbone, saved)
     size = image_size(config)
@@ -177,7 +194,7 @@ def predict_files(workdir: Path, paths: list[Path], out_dir: Path) -> list[float
         scores.append(np.asarray(s)[: len(chunk)])
         maps.append(np.asarray(m)[: len(chunk)])
     scores, maps = np.concatenate(scores), np.concatenate(maps)
-    report.save_overlays(out_dir, np.concatenate(images), maps, None, names=[Path(p).stem for p in paths], scores=scores)
+    report.save_overlays(out_dir, np.concatenate(images), maps, None, names=distinct_names(paths), scores=scores)
     return scores.tolist()
 
 

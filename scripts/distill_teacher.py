@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jaxad import backbones, cli, distillation, training
 from jaxad.config import apply_overrides, load_config
+from jaxad.data import image_files
 from jaxad.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def main() -> int:
         grayscale=config.grayscale, stats_images=config.stats_images, seed=config.seed)
     out = Path(config.out)
     distillation.check_new_teacher_folder(out)
-    paths = [p for folder in config.data.split(",") if folder.strip() for p in distillation.image_files(folder.strip())]
+    paths = [p for folder in config.data.split(",") if folder.strip() for p in image_files(folder.strip())]
     side = max(config.image_size, config.target_size)
     backbone = backbones.load(config.backbone, config.weights or None)
     teacher = distillation.distil(

@@ -88,6 +88,30 @@ def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
 
 
+def test_predict_takes_folders_and_names_maps_apart(fitted, category, tmp_path, capsys):
+    """Every image under a folder is scored; same-named files in different folders keep one map each."""
+    code, out, err = run_script("predict.py", "--workdir", fitted, "--out", tmp_path / "pred", category / "test",
+                                capsys=capsys)
+    assert code == 0, err
+    images = sorted(p for p in (category / "test").rglob("*.png"))
+    assert [line.split()[1] for line in out.strip().splitlines()] == list(map(str, images))
+    assert len(list((tmp_path / "pred").glob("*.png"))) == len(images)
+    assert pipeline.distinct_names([Path("a/good/000.png"), Path("a/crack/000.png"), Path("b/001.png")]) == [
+        "good_000", "crack_000", "b_001"]
+
+
+def test_predict_never_writes_maps_into_a_users_folder(fitted, category, tmp_path, capsys):
+    """Maps into the inputs' own folder would replace the inputs; the folder is refused untouched."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    image = folder / "000.png"
+    image.write_bytes(sorted((category / "test").rglob("*.png"))[0].read_bytes())
+    before = image.read_bytes()
+    code, _, err = run_script("predict.py", "--workdir", fitted, "--out", folder, image, capsys=capsys)
+    assert code != 0 and "holds files that jaxad did not write; choose an empty or new --out" in err
+    assert image.read_bytes() == before and sorted(folder.iterdir()) == [image]
+
+
 def test_the_predictor_puts_the_fitted_state_on_the_device_once(fitted):
     """The state comes back from disk as numpy; were it passed as such, every call would copy it to
     the device again (the whole reference bank of CPR). After the first call none may."""

@@ -4,7 +4,7 @@ The TFDS builders live in :mod:`jaxad.data.tfds_builders`, imported on request s
 package stays quick to import.
 """
 
-from jaxad.data.images import read_image, read_mask, resize_image, resize_mask
+from jaxad.data.images import image_files, read_image, read_mask, resize_image, resize_mask
 from jaxad.data.layouts import Dataset, Sample, find_categories, open_dataset
 from jaxad.data.loader import Batch, iterate_batches, num_batches
 
@@ -13,6 +13,7 @@ __all__ = [
     "Dataset",
     "Sample",
     "find_categories",
+    "image_files",
     "iterate_batches",
     "num_batches",
     "open_dataset",

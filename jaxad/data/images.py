@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -22,6 +23,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # A truncated file must fail loudly instead of yielding a partly grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder`` (recursive, sorted), for any folder of generic images."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found; check the path")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise DataError(f"{folder}: no image files ({' '.join(IMAGE_EXTENSIONS)}) found under it")
+    return paths
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

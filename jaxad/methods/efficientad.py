@@ -36,7 +36,7 @@ import optax
 
 from jaxad import distillation, parallel, postprocess, training
 from jaxad.backbones import Backbone
-from jaxad.data import Batch
+from jaxad.data import Batch, image_files
 from jaxad.errors import ConfigError
 from jaxad.nets import PDN, Autoencoder, imagenet_normalise
 
@@ -258,7 +258,7 @@ def train_batches(config: ml_collections.ConfigDict, images: np.ndarray) -> Iter
     if not uses_penalty(config):
         placeholder = np.zeros((config.train_batch_size, 1, 1, 3), np.float32)
         return ((x, placeholder) for x in own)
-    paths = distillation.image_files(config.penalty_dir)
+    paths = image_files(config.penalty_dir)
     generic = distillation.file_batches(paths, config.train_batch_size, 2 * config.image_size, config.seed)
     return zip(own, generic)
 
