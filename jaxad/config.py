@@ -22,12 +22,19 @@ PIPELINE_DEFAULTS = {
 }
 
 
+def method_configs(config_dir: Path) -> list[str]:
+    """Names of the configs in ``config_dir`` that configure a method (they set ``method``), sorted."""
+    files = sorted(p for p in Path(config_dir).glob("*.py") if not p.stem.startswith("_"))
+    return [p.stem for p in files if "method" in load_config(p)]
+
+
 def config_path(method: str, config_dir: Path) -> Path:
-    """``<config_dir>/<method>.py``, with the known methods listed when it is missing."""
+    """``<config_dir>/<method>.py`` when it configures a method, else an error listing those that do."""
     path = Path(config_dir) / f"{method}.py"
-    if not path.is_file():
-        known = sorted(p.stem for p in Path(config_dir).glob("*.py") if not p.stem.startswith("_"))
-        raise ConfigError(f"{path}: no config for method {method!r}; known methods: {', '.join(known)}")
+    known = method_configs(config_dir)
+    if method not in known:
+        why = "configures no method" if path.is_file() else f"no config for method {method!r}"
+        raise ConfigError(f"{path}: {why}; known methods: {', '.join(known)}")
     return path
 
 

@@ -34,6 +34,14 @@ def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def check_shared_settings(config: ml_collections.ConfigDict) -> None:
+    """ConfigError for a batch or image size no method can run with (each method checks its own keys)."""
+    if config.batch_size < 1:
+        raise ConfigError(f"--config.batch_size={config.batch_size}: must be at least 1")
+    if min(image_size(config)) < 1:
+        raise ConfigError(f"--config.image_size={config.image_size}: must be at least 1 pixel")
+
+
 def _progress(desc: str, total: int) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
 
@@ -144,6 +152,7 @@ def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Pat
 
 def run(config: ml_collections.ConfigDict, data: Path, workdir: Path) -> list[dict]:
     """Fit and evaluate every category found under ``data``; one workdir each when several."""
+    check_shared_settings(config)
     categories = find_categories(data)
     backbone = load_backbone(config)
     if len(categories) == 1:

@@ -36,6 +36,13 @@ def test_unknown_method_lists_known_ones():
         config_path("nosuchmethod", CONFIGS)
 
 
+def test_a_config_of_no_method_is_not_offered_as_one():
+    """configs/distill_teacher.py configures a script, not a method: --method refuses it by name."""
+    with pytest.raises(ConfigError, match=r"distill_teacher\.py: configures no method; known methods: cpr, ") as info:
+        config_path("distill_teacher", CONFIGS)
+    assert "distill_teacher," not in str(info.value)
+
+
 def test_local_average_counts_padding_like_torch():
     x = jnp.ones((1, 4, 4, 1))
     y = np.asarray(features.local_average(x, 3))[0, ..., 0]

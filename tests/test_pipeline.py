@@ -219,3 +219,11 @@ def test_bfloat16_backbone_compute_runs_and_a_bad_dtype_is_one_line(category, tm
     assert 0.0 <= json.loads((tmp_path / "bf16" / "metrics.json").read_text())["image_auroc"] <= 1.0
     code, _, err = run_script("fit.py", *args, "--workdir", tmp_path / "f16", "--config.compute_dtype=float16", capsys=capsys)
     assert code == 2 and "compute_dtype=float16" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [("--config.batch_size=0", "batch_size=0: must be at least 1"),
+                                               ("--config.image_size=0", "image_size=0: must be at least 1 pixel")])
+def test_sizes_no_method_can_run_with_are_config_errors(category, tmp_path, capsys, override, message):
+    code, _, err = run_script("fit.py", "--method", "crd", "--data", category, "--workdir", tmp_path / "w", override,
+                              capsys=capsys)
+    assert code != 0 and message in err and "Traceback" not in err
