@@ -272,7 +272,7 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         "kernel is faster for a shape, fusion cannot make it up, and only doing fewer or cheaper "
         "operations does. So on CPU jaxad runs 1×1 convolutions as matmuls (XLA:CPU's dot is faster "
         "than its convolution) and stride-1 3×3 convolutions over small inputs as Winograd "
-        "F(2×2, 3×3) (2.25× fewer multiplies, kernels transformed once at load; `backbones.winograd`); "
+        "F(4×4, 3×3) (4× fewer multiplies, kernels transformed once at load; `backbones.winograd`); "
         "`gflop` counts the direct convolutions' operations, so `jaxad_gflops` is an effective rate. "
         "A row with a small `of_matmul` spends its time on memory traffic (dense concatenations, "
         "depthwise convolutions) and per-layer overhead; there XLA fuses BatchNorm, activations and "

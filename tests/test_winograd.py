@@ -1,4 +1,4 @@
-"""The frozen-backbone convolution and its fast paths: Winograd F(2×2, 3×3), taken only where the
+"""The frozen-backbone convolution and its fast paths: Winograd F(4×4, 3×3), taken only where the
 variables carry the transformed kernel and the input is small, shifted multiply-adds for stems over
 RGB, and a folded squeeze-excite gate, all with the values of XLA's convolution."""
 
@@ -54,7 +54,7 @@ def test_frozen_conv_matches_flax_conv(kernel, stride, bias):
 
 def test_large_inputs_keep_the_direct_convolution():
     small = (1, 16, 16, 64)
-    large = (2, 80, 80, 64)  # its tile tensor (4× the input) would leave the cache
+    large = (2, 128, 128, 64)  # its tile tensor (2.25× the input) would leave the cache
     assert np.prod(large) > winograd.MAX_INPUT >= np.prod(small)
     conv = FrozenConv(8, 3)
     variables = conv.init(jax.random.key(0), jnp.zeros(small))
@@ -63,11 +63,20 @@ def test_large_inputs_keep_the_direct_convolution():
     assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x: conv.apply(variables, x))(big))
 
 
+def test_bfloat16_keeps_the_direct_convolution():
+    """bf16 is for accelerators, which run the direct convolution: its error is measured on that."""
+    x = jnp.zeros((1, 16, 16, 8))
+    conv = FrozenConv(8, 3, dtype=jnp.bfloat16)
+    variables = conv.init(jax.random.key(0), x)
+    variables = {**variables, winograd.COLLECTION: winograd.transformed_kernels(variables["params"])}
+    assert "conv_general_dilated" in _ops(lambda v: conv.apply(v, x), variables)
+
+
 def test_only_dense_3x3_kernels_are_transformed():
     params = {"a": {"kernel": jnp.ones((3, 3, 4, 8))}, "dw": {"kernel": jnp.ones((3, 3, 1, 8))},
               "pw": {"kernel": jnp.ones((1, 1, 4, 8)), "bias": jnp.ones(8)}, "bn": {"scale": jnp.ones(8)}}
     out = winograd.transformed_kernels(params)
-    assert list(out) == ["a"] and out["a"]["kernel"].shape == (4, 4, 4, 8)
+    assert list(out) == ["a"] and out["a"]["kernel"].shape == (6, 6, 4, 8)
 
 
 def test_backbones_on_cpu_carry_the_transformed_kernels():

@@ -66,9 +66,11 @@ class FrozenConv(nn.Module):
     (``symmetric=False``, the TF-trained EfficientNet-Lite weights).
 
     Inference only, so it may take the fastest path per shape: a 1×1 one is a matmul over channels
-    (of every s-th pixel); a stride-1 3×3 one runs as Winograd F(2×2, 3×3) when the variables carry
-    its transformed kernel (the ``winograd`` collection, added on CPU when a backbone is built) and
-    the input is small enough for that to pay (:func:`winograd.worthwhile`); on CPU one with at
+    (of every s-th pixel); a stride-1 3×3 one runs as Winograd F(4×4, 3×3) when the variables carry
+    its transformed kernel (the ``winograd`` collection, added on CPU when a backbone is built), the
+    input is small enough for that to pay (:func:`winograd.worthwhile`) and it computes in float32
+    (in bfloat16 the transforms would add rounding a direct convolution, as an accelerator runs it,
+    does not have); on CPU one with at
     most ``MAX_SHIFTED_TAPS`` input taps (k²·C_in: a 3×3 stem over RGB) as shifted multiply-adds;
     any other as XLA's convolution.
     """
@@ -103,8 +105,9 @@ class FrozenConv(nn.Module):
             if gate is not None:
                 return jnp.einsum("nhwc,nc,co->nhwo", x[:, ::s, ::s], gate, rows)
             return jnp.einsum("nhwc,co->nhwo", x[:, ::s, ::s], rows)
-        if (k, s) == (3, 1) and self.has_variable(winograd.COLLECTION, "kernel") and winograd.worthwhile(x.shape):
-            return winograd.conv3x3(x, self.get_variable(winograd.COLLECTION, "kernel").astype(self.dtype))
+        if ((k, s) == (3, 1) and self.dtype == jnp.float32 and self.has_variable(winograd.COLLECTION, "kernel")
+                and winograd.worthwhile(x.shape)):
+            return winograd.conv3x3(x, self.get_variable(winograd.COLLECTION, "kernel"))
         pads = _pads(x, k, s, self.symmetric)
         if shifted_sum_pays(k * k * x.shape[-1]):
             return _shifted_sum(x, kernel.astype(self.dtype), pads, s)

@@ -106,8 +106,8 @@ def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images:
 
 def _with_winograd_kernels(variables: Mapping[str, Any]) -> dict:
     """On CPU, ``variables`` plus the transformed 3×3 kernels that layers.FrozenConv runs as Winograd
-    F(2×2, 3×3): the weights are frozen, so they are transformed once, here, at the price of 16/9 of
-    the 3×3 kernels' memory."""
+    F(4×4, 3×3): the weights are frozen, so they are transformed once, here, at the price of 4× the
+    3×3 kernels' memory."""
     variables = dict(variables)
     if jax.default_backend() != "cpu" or winograd.COLLECTION in variables:
         return variables
