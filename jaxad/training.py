@@ -101,7 +101,8 @@ def _resumable_manager(checkpoint_dir: Path, run: Mapping[str, Any], steps: int,
               file=sys.stderr)
         for old in manager.all_steps():
             manager.delete(old)
-    (checkpoint_dir / RUN_FILE).write_text(record)
+    if jax.process_index() == 0:
+        (checkpoint_dir / RUN_FILE).write_text(record)
     return manager
 
 
