@@ -62,6 +62,10 @@ def load(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
     """Read back what :func:`save` wrote; arrays come back as numpy."""
     workdir = Path(workdir).expanduser().resolve()
     if not (workdir / "config.json").is_file() or not (workdir / "state").is_dir():
+        fitted = sorted(p.name for p in workdir.iterdir() if (p / "config.json").is_file()) if workdir.is_dir() else []
+        if fitted:
+            raise ConfigError(f"{workdir}: holds one fitted model per category ({', '.join(fitted)}); "
+                              f"pass one of them, e.g. {workdir / fitted[0]}")
         raise ConfigError(f"{workdir}: no fitted model here (config.json and state/ missing); run scripts/fit.py first")
     raw = json.loads((workdir / "config.json").read_text())
     return ml_collections.ConfigDict(_tuples(raw)), load_arrays(workdir / "state")

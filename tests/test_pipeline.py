@@ -2,6 +2,7 @@
 
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -227,3 +228,19 @@ def test_sizes_no_method_can_run_with_are_config_errors(category, tmp_path, caps
     code, _, err = run_script("fit.py", "--method", "crd", "--data", category, "--workdir", tmp_path / "w", override,
                               capsys=capsys)
     assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
+    """Each category gets its own workdir; predict names them when given the folder above."""
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        shutil.copytree(category, data / name)
+    workdir = tmp_path / "w"
+    code, _, err = run_script("fit.py", "--method", "crd", "--data", data, "--workdir", workdir, *SMALL, capsys=capsys)
+    assert code == 0, err
+    assert [r["category"] for r in json.loads((workdir / "summary.json").read_text())] == ["a", "b"]
+    image = sorted((category / "test").rglob("*.png"))[0]
+    code, _, err = run_script("predict.py", "--workdir", workdir, image, capsys=capsys)
+    assert code != 0 and "holds one fitted model per category (a, b); pass one of them" in err
+    code, out, err = run_script("predict.py", "--workdir", workdir / "b", image, capsys=capsys)
+    assert code == 0 and out.split()[1] == str(image), err
