@@ -51,6 +51,15 @@ def load_arrays(path: str | Path) -> Any:
     return checkpointer.restore(path, restore_args=restore_args)
 
 
+def fitted_runs(folder: str | Path) -> list[Path]:
+    """The workdirs directly inside ``folder`` that jaxad fitted (one per category of a multi-category
+    fit), sorted; none when ``folder`` is not a folder."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if (p / MARKER).is_file() and (p / "config.json").is_file())
+
+
 def save(workdir: Path, config: ml_collections.ConfigDict, state: Any) -> None:
     """Write ``config.json`` and the state pytree (replacing a previous one of this workdir)."""
     workdir = Path(workdir).resolve()
@@ -62,10 +71,10 @@ def load(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
     """Read back what :func:`save` wrote; arrays come back as numpy."""
     workdir = Path(workdir).expanduser().resolve()
     if not (workdir / "config.json").is_file() or not (workdir / "state").is_dir():
-        fitted = sorted(p.name for p in workdir.iterdir() if (p / "config.json").is_file()) if workdir.is_dir() else []
+        fitted = fitted_runs(workdir)
         if fitted:
-            raise ConfigError(f"{workdir}: holds one fitted model per category ({', '.join(fitted)}); "
-                              f"pass one of them, e.g. {workdir / fitted[0]}")
+            raise ConfigError(f"{workdir}: holds one fitted model per category ({', '.join(p.name for p in fitted)}); "
+                              f"pass one of them, e.g. {fitted[0]}")
         raise ConfigError(f"{workdir}: no fitted model here (config.json and state/ missing); run scripts/fit.py first")
     raw = json.loads((workdir / "config.json").read_text())
     return ml_collections.ConfigDict(_tuples(raw)), load_arrays(workdir / "state")

@@ -31,11 +31,10 @@ def method_configs(config_dir: Path) -> list[str]:
 def config_path(method: str, config_dir: Path) -> Path:
     """``<config_dir>/<method>.py`` when it configures a method, else an error listing those that do."""
     path = Path(config_dir) / f"{method}.py"
-    known = method_configs(config_dir)
-    if method not in known:
-        why = "configures no method" if path.is_file() else f"no config for method {method!r}"
-        raise ConfigError(f"{path}: {why}; known methods: {', '.join(known)}")
-    return path
+    if path.is_file() and "method" in load_config(path):
+        return path
+    why = "configures no method" if path.is_file() else f"no config for method {method!r}"
+    raise ConfigError(f"{path}: {why}; known methods: {', '.join(method_configs(config_dir))}")
 
 
 def load_config(path: str | Path) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from jaxad import cli, pipeline, report
-from jaxad.checkpoint import MARKER
+from jaxad.checkpoint import fitted_runs
 
 
 def main() -> int:
@@ -21,9 +21,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--data", type=Path, help="test data (default: the data the model was fitted on)")
     args = parser.parse_args()
-    runs = [args.workdir] if (args.workdir / "config.json").is_file() else sorted(
-        p for p in args.workdir.iterdir() if (p / MARKER).is_file() and (p / "config.json").is_file()
-    ) if args.workdir.is_dir() else [args.workdir]
+    runs = [args.workdir] if (args.workdir / "config.json").is_file() else fitted_runs(args.workdir) or [args.workdir]
     results = []
     for run in runs:
         data = args.data / run.name if args.data is not None and len(runs) > 1 else args.data

@@ -72,6 +72,11 @@ def test_bfloat16_keeps_the_direct_convolution():
     assert "conv_general_dilated" in _ops(lambda v: conv.apply(v, x), variables)
 
 
+def test_a_bfloat16_backbone_carries_no_transformed_kernels():
+    """It never takes the Winograd path, so the kernels (4× the 3×3 weights) would be dead memory."""
+    assert winograd.COLLECTION not in backbones.random_init("resnet18", dtype=jnp.bfloat16).variables
+
+
 def test_only_dense_3x3_kernels_are_transformed():
     params = {"a": {"kernel": jnp.ones((3, 3, 4, 8))}, "dw": {"kernel": jnp.ones((3, 3, 1, 8))},
               "pw": {"kernel": jnp.ones((1, 1, 4, 8)), "bias": jnp.ones(8)}, "bn": {"scale": jnp.ones(8)}}

@@ -104,12 +104,12 @@ def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images:
     return parallel.in_small_batches_on_cpu(partial(_forward, module, taps, variables), images, CPU_MICRO_BATCH)
 
 
-def _with_winograd_kernels(variables: Mapping[str, Any]) -> dict:
+def _with_winograd_kernels(variables: Mapping[str, Any], dtype: Any) -> dict:
     """On CPU, ``variables`` plus the transformed 3×3 kernels that layers.FrozenConv runs as Winograd
     F(4×4, 3×3): the weights are frozen, so they are transformed once, here, at the price of 4× the
-    3×3 kernels' memory."""
+    3×3 kernels' memory. Not for a ``dtype`` other than float32, which never takes that path."""
     variables = dict(variables)
-    if jax.default_backend() != "cpu" or winograd.COLLECTION in variables:
+    if jax.default_backend() != "cpu" or dtype != jnp.float32 or winograd.COLLECTION in variables:
         return variables
     kernels = winograd.transformed_kernels(variables["params"])
     return {**variables, winograd.COLLECTION: kernels} if kernels else variables
@@ -126,7 +126,7 @@ class Backbone:
         self.name = name
         self.module = module
         self.taps = dict(taps)
-        self.variables = _with_winograd_kernels(variables)
+        self.variables = _with_winograd_kernels(variables, module.dtype)
 
     def _check(self, taps: str | Sequence[str], images: jax.Array) -> tuple[str, ...]:
         taps = (taps,) if isinstance(taps, str) else tuple(taps)

@@ -12,8 +12,8 @@ input) leaves the cache and the direct kernel wins, so :func:`worthwhile` draws 
 of a call's input. F(4×4, 3×3) beat F(2×2, 3×3) (4× the input in tiles, 2.25× fewer multiplies) at
 every layer shape timed, on 2 cores. The kernel transform is done once, when a backbone is built
 (:func:`transformed_kernels`), not in every forward. The transforms' larger entries (up to 8 in A,
-1/24 in G) cost rounding: in float32 a ResNet's taps differ from torchvision's by about 2e-6 of
-their largest value (F(2×2, 3×3): 1e-6), within the ports' 1e-4 bound.
+1/24 in G) cost some rounding; in float32 the backbones' taps stay within the ports' 1e-4 parity
+bound against torchvision (tests/test_backbones_*.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 MAX_INPUT = 2**20  # input elements (N·H·W·C) of a call above which XLA's convolution is faster on CPU:
 # the tile tensor, 2.25× the input, then passes 9 MiB and leaves the cache (timed layer by layer on
-# 2 cores: faster up to 2^20 for 64-512 channels, twice as slow at 2^21)
+# 2 cores for 64-512 channels: faster up to 2^20, slower above)
 COLLECTION = "winograd"  # the variable collection holding the transformed kernels
 
 _BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
