@@ -35,9 +35,15 @@ def extraction(name: str, taps: tuple[str, ...], size: int, batch: int,
                dtype: Any = jnp.float32) -> Callable[[], dict[str, jax.Array]]:
     """One jitted extraction by random-weight ``name`` of fixed [batch, size, size, 3] images, as a
     call (for :func:`jaxad.timing.interleaved_median_seconds`, which waits for its result)."""
-    bb = backbones.random_init(name, dtype=dtype)
+    bb = backbones.random_init(name, dtype=dtype, taps=taps)
     images = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32))
     return lambda: bb(images, taps)
+
+
+def weight_bytes(name: str, taps: tuple[str, ...]) -> int:
+    """Bytes of the variables a backbone loaded for ``taps`` holds: parameters and BatchNorm
+    statistics of the layers up to the deepest tap and, on CPU, the transformed Winograd kernels."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(backbones.random_init(name, taps=taps).variables))
 
 
 def stages(name: str, deepest: str) -> tuple[str, ...]:
@@ -49,7 +55,7 @@ def stages(name: str, deepest: str) -> tuple[str, ...]:
 def gflop_per_image(name: str, taps: tuple[str, ...], size: int) -> float:
     """Floating-point operations of one image's forward as XLA counts them (a multiply-add is 2),
     with the 3×3 convolutions direct (no Winograd kernels passed): the model's nominal work."""
-    bb = backbones.random_init(name)
+    bb = backbones.random_init(name, taps=taps)
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     direct = {k: v for k, v in bb.variables.items() if k != winograd.COLLECTION}
     cost = jax.jit(bb.features_fn(taps)).lower(direct, images).compile().cost_analysis()
@@ -58,7 +64,7 @@ def gflop_per_image(name: str, taps: tuple[str, ...], size: int) -> float:
 
 def bfloat16_error(name: str, taps: tuple[str, ...], size: int) -> dict[str, float]:
     """Per tap: max |bf16 − f32| over max |f32| on the same random weights and images."""
-    full, half = backbones.random_init(name), backbones.random_init(name, dtype=jnp.bfloat16)
+    full, half = backbones.random_init(name, taps=taps), backbones.random_init(name, dtype=jnp.bfloat16, taps=taps)
     images = jnp.asarray(np.random.default_rng(1).random((2, size, size, 3), dtype=np.float32))
     a, b = full(images, taps), half.apply(full.variables, images, taps)
     return {t: float(jnp.max(jnp.abs(a[t] - b[t])) / jnp.max(jnp.abs(a[t]))) for t in taps}

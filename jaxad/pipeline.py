@@ -50,11 +50,13 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_backbone(config: ml_collections.ConfigDict) -> backbones.Backbone:
-    """The config's backbone and weights, computing in ``compute_dtype`` (default float32)."""
+    """The config's backbone and weights, computing in ``compute_dtype`` (default float32), holding
+    only the layers up to the deepest tap the method reads."""
     name = config.get("compute_dtype", "float32")
     if name not in COMPUTE_DTYPES:
         raise ConfigError(f"--config.compute_dtype={name}: choose one of {', '.join(COMPUTE_DTYPES)}")
-    return backbones.load(config.backbone, config.weights or None, dtype=COMPUTE_DTYPES[name])
+    return backbones.load(config.backbone, config.weights or None, dtype=COMPUTE_DTYPES[name],
+                          taps=methods.backbone_taps(config))
 
 
 def fit(config: ml_collections.ConfigDict, dataset: Dataset, backbone: backbones.Backbone) -> tuple[dict, float]:

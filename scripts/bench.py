@@ -163,18 +163,22 @@ def _torch_calls(args: argparse.Namespace, name: str, taps: tuple[str, ...], siz
 
 
 def backbone_speed(args: argparse.Namespace, command: str) -> int:
+    import torch_reference
+
     rows, errors = [], []
     section = args.section or f"backbones-{jax.default_backend()}"
     reference = timing.matmul_gflops()
     for name, taps, size in _benchmarked_backbones(args):
         gflop = backbone_benchmark.gflop_per_image(name, taps, size)
+        mib = {"jaxad_mib": backbone_benchmark.weight_bytes(name, taps) / 2**20,
+               "torch_mib": torch_reference.weight_bytes(name, taps) / 2**20}
         for batch in backbone_benchmark.BATCHES:
             torch_calls, no_compile = _torch_calls(args, name, taps, size, batch)
             calls = {"jaxad": backbone_benchmark.extraction(name, taps, size, batch),
                      "jaxad_bf16": backbone_benchmark.extraction(name, taps, size, batch, jnp.bfloat16),
                      **torch_calls}
             row = {"backbone": name, "taps": "+".join(taps), "size": size, "batch": batch, "gflop": gflop,
-                   "torch_compile": no_compile}
+                   "torch_compile": no_compile, **mib}
             seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.ROUNDS, backbone_benchmark.PER_ROUND)
             row.update({side: batch / s for side, s in seconds.items()})
             row["jaxad_gflops"] = row["jaxad"] * gflop
@@ -254,7 +258,7 @@ def _verdict(rows: list[dict], ratio: str, against: str) -> str:
 def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float, command: str,
                       note: str = "") -> str:
     columns = ["backbone", "taps", "size", "batch", "gflop", "jaxad", "jaxad_gflops", "of_matmul", "jaxad_bf16",
-               "torch_eager", "torch_compile", "jaxad_over_torch", "jaxad_over_compile"]
+               "torch_eager", "torch_compile", "jaxad_over_torch", "jaxad_over_compile", "jaxad_mib", "torch_mib"]
     return "\n".join([
         "## Feature extraction: jaxad (jit) against torchvision/timm, images per second", "",
         *report.provenance(command, f"{benchmark.machine()}, torch threads = CPU cores"), "",
@@ -265,7 +269,9 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         "takes each side's median call, so a slow phase of the machine slows every side alike. `gflop`: XLA's count of floating-point "
         "operations per image; `jaxad_gflops`: the rate the jaxad forward achieves; `of_matmul`: that "
         f"rate over the rate of a 2048×2048 float32 matmul on the same machine in the same run "
-        f"({matmul_gflops:.0f} GFLOP/s).", "",
+        f"({matmul_gflops:.0f} GFLOP/s). `jaxad_mib`: the backbone's variables loaded for the row's taps "
+        "(the layers up to the deepest tap; on CPU plus the transformed Winograd kernels, 4× the size of the "
+        "3×3 kernels they stand for); `torch_mib`: the torch extractor's parameters and buffers.", "",
         _verdict(rows, "jaxad_over_torch", "torch_eager") + " " + _verdict(rows, "jaxad_over_compile", "torch_compile"), "",
         "What limits the ratio. A row with a large `of_matmul` is bound by the arithmetic of its "
         "convolutions, which XLA:CPU hands to Eigen's kernels and torch to oneDNN's; where oneDNN's "

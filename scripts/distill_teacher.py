@@ -39,7 +39,7 @@ def main() -> int:
     distillation.check_new_teacher_folder(out)
     paths = [p for folder in config.data.split(",") if folder.strip() for p in image_files(folder.strip())]
     side = max(config.image_size, config.target_size)
-    backbone = backbones.load(config.backbone, config.weights or None)
+    backbone = backbones.load(config.backbone, config.weights or None, taps=config.taps)
     teacher = distillation.distil(
         settings, backbone, distillation.file_batches(paths, config.batch_size, side, config.seed),
         stats_batches=distillation.file_batches(paths, config.batch_size, side, config.seed + 1),

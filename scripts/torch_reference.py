@@ -53,3 +53,9 @@ def extraction(name: str, taps: tuple[str, ...], size: int, batch: int, compiled
             torch.cuda.synchronize()
 
     return call
+
+
+def weight_bytes(name: str, taps: tuple[str, ...]) -> int:
+    """Bytes of the torch feature extractor's parameters and buffers (the layers up to its deepest tap)."""
+    model = _extractor(name, taps)
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -1,5 +1,6 @@
 """The FLOP count and the matmul yardstick behind the speed tables."""
 
+import jax
 import pytest
 
 from jaxad import backbone_benchmark, timing
@@ -28,3 +29,12 @@ def test_interleaved_timing_alternates_the_contenders_round_by_round():
 def test_stages_run_in_network_order_up_to_the_deepest_tap():
     assert backbone_benchmark.stages("resnet18", "layer2") == ("conv1", "maxpool", "layer1", "layer2")
     assert backbone_benchmark.stages("resnet18", "conv1") == ("conv1",)
+
+
+def test_weight_bytes_count_the_layers_up_to_the_deepest_tap():
+    # ResNet18 to layer1: the 7×7 stem over RGB, four 3×3 convolutions 64→64, five BatchNorms (scale,
+    # bias, mean, variance); on CPU also the 3×3 kernels transformed for Winograd, 6×6 in place of 3×3.
+    stem, conv3x3, norms = 7 * 7 * 3 * 64, 3 * 3 * 64 * 64, 5 * 4 * 64
+    winograd = 4 * 6 * 6 * 64 * 64 if jax.default_backend() == "cpu" else 0
+    assert backbone_benchmark.weight_bytes("resnet18", ("conv1", "layer1")) == 4 * (stem + 4 * conv3x3 + norms + winograd)
+    assert backbone_benchmark.weight_bytes("resnet18", ("layer2",)) > backbone_benchmark.weight_bytes("resnet18", ("layer1",))

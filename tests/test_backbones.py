@@ -380,6 +380,27 @@ def test_early_taps_need_no_later_layers(lite0):
     assert convs("stage1") == (1 + 2 * 2 if on_cpu else 1 + 2 + 2 * 3) < convs("stage6")
 
 
+def test_a_backbone_loaded_for_taps_holds_only_the_layers_they_reach(cache, lite0):
+    part = backbones.load("efficientnet_lite0", taps=("stage2", "stage1"))
+    assert list(part.taps) == ["stem", "stage0", "stage1", "stage2"]
+    blocks = {k for k in part.variables["params"] if k.startswith("block")}
+    assert blocks == {f"block{i}" for i in range(5)} < {k for k in lite0.variables["params"] if k.startswith("block")}
+    x = _images(1, 64)
+    np.testing.assert_array_equal(np.asarray(part(x, "stage2")["stage2"]), np.asarray(lite0(x, "stage2")["stage2"]))
+    with pytest.raises(ConfigError, match=r"\['stage4'\] lie beyond 'stage2'.*taps=\['stage4'\]"):
+        part(x, ("stage1", "stage4"))
+    with pytest.raises(ConfigError, match="valid taps: stem, stage0"):
+        backbones.load("efficientnet_lite0", taps=("layer3",))
+
+
+def test_a_wide_resnet_read_at_layer3_carries_no_layer4_weights():
+    bb = backbones.random_init("resnet18", taps=("layer2", "layer3"))
+    for collection in bb.variables.values():
+        assert not any(k.startswith("layer4") for k in collection)
+    if jax.default_backend() == "cpu":  # the transformed 3×3 kernels stop at layer3 too
+        assert "layer3_1" in bb.variables["winograd"]
+
+
 def test_features_fn_is_pure_inside_a_callers_jit(lite0):
     x = _images(2, 64)
     step = jax.jit(lambda v, im: lite0.apply(v, im, TAPS)["stage2"].mean(axis=(1, 2)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from jaxad import features, postprocess
+from jaxad import features, pipeline, postprocess
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.errors import ConfigError
 
@@ -85,3 +85,15 @@ def test_anomaly_maps_equal_resize_then_blur(hw, size):
 def test_blur_of_map_smaller_than_kernel_is_finite_and_normalised():
     x = jnp.ones((1, 5, 5))
     np.testing.assert_allclose(np.asarray(postprocess.gaussian_blur(x, 4.0)), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, overrides, deepest", [
+    ("patchcore", [], "stage4"),
+    ("cpr_faster", [], "stage2"),
+    ("paap", [], "stage6"),
+    ("paap", ["--config.taps=('stage2',)"], "stage4"),  # the dense matcher's match_tap
+    ("paap", ["--config.taps=('stage2',)", "--config.matcher=orb"], "stage2"),
+])
+def test_a_methods_backbone_holds_the_layers_up_to_the_deepest_tap_it_reads(method, overrides, deepest):
+    config = apply_overrides(load_config(config_path(method, CONFIGS)), overrides)
+    assert list(pipeline.load_backbone(config).taps)[-1] == deepest

@@ -119,7 +119,9 @@ class Backbone:
     """A frozen feature extractor: ``bb(images, taps) -> {tap: [B, h, w, C] float32}``.
 
     ``apply(variables, images, taps)`` is the same computation as a pure function, for use inside
-    a caller's ``jax.jit`` with the variables passed (and sharded) explicitly.
+    a caller's ``jax.jit`` with the variables passed (and sharded) explicitly. ``taps`` maps the taps
+    it serves, in network order, to their stride and channels: a backbone loaded for some taps holds
+    only the layers up to the deepest of them.
     """
 
     def __init__(self, name: str, module: nn.Module, taps: Mapping[str, TapInfo], variables: dict):
@@ -129,11 +131,7 @@ class Backbone:
         self.variables = _with_winograd_kernels(variables, module.dtype)
 
     def _check(self, taps: str | Sequence[str], images: jax.Array) -> tuple[str, ...]:
-        taps = (taps,) if isinstance(taps, str) else tuple(taps)
-        unknown = [t for t in taps if t not in self.taps]
-        if unknown or not taps:
-            valid = ", ".join(self.taps)
-            raise ConfigError(f"backbone {self.name}: unknown or no taps {unknown}; valid taps: {valid}")
+        taps = _requested(self.name, self.taps, taps)
         if np.ndim(images) != 4 or np.shape(images)[-1] != 3:
             shape = np.shape(images)
             raise DataError(f"backbone {self.name}: images must be [B, H, W, 3] in [0, 1], got shape {shape}")
@@ -149,6 +147,36 @@ class Backbone:
 
     def __call__(self, images: jax.Array, taps: str | Sequence[str]) -> dict[str, jax.Array]:
         return self.apply(self.variables, images, taps)
+
+
+def _requested(name: str, served: Mapping[str, TapInfo], taps: str | Sequence[str]) -> tuple[str, ...]:
+    """``taps`` as a tuple, or a ConfigError naming the taps ``name`` has (or, loaded for fewer
+    taps, the deepest it serves)."""
+    taps = (taps,) if isinstance(taps, str) else tuple(taps)
+    unknown = [t for t in taps if t not in served]
+    if not unknown and taps:
+        return taps
+    every = _ENTRIES[name].taps if name in _ENTRIES else served
+    beyond = [t for t in unknown if t in every]
+    if beyond and served:
+        raise ConfigError(f"backbone {name}: taps {beyond} lie beyond {list(served)[-1]!r}, the deepest tap it was "
+                          f"loaded for (its later layers were left out); load it with taps={beyond}")
+    raise ConfigError(f"backbone {name}: unknown or no taps {unknown}; valid taps: {', '.join(every)}")
+
+
+def _up_to(name: str, entry: Entry, taps: Sequence[str] | None) -> dict[str, TapInfo]:
+    """The taps a backbone loaded for ``taps`` serves: every tap up to the deepest of them (all of
+    them for None)."""
+    if taps is None:
+        return dict(entry.taps)
+    order = list(entry.taps)
+    deepest = max(order.index(t) for t in _requested(name, entry.taps, taps))
+    return {t: entry.taps[t] for t in order[: deepest + 1]}
+
+
+def _pruned(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict:
+    """The entries of ``tree`` at the paths ``like`` has."""
+    return {k: _pruned(v, like[k]) if isinstance(v, Mapping) else v for k, v in tree.items() if k in like}
 
 
 def cache_dir() -> Path:
@@ -214,10 +242,11 @@ def _entry(name: str) -> Entry:
     return entry
 
 
-def _target(module: nn.Module, entry: Entry) -> Any:
-    """The variables' shapes, from tracing ``init`` (nothing is computed)."""
+def _target(module: nn.Module, taps: Sequence[str]) -> Any:
+    """The shapes of the variables a forward to ``taps`` reads, from tracing ``init`` (nothing is
+    computed): the modules build only the layers up to the deepest requested tap."""
     images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    return jax.eval_shape(partial(module.init, taps=tuple(entry.taps)), jax.random.PRNGKey(0), images)
+    return jax.eval_shape(partial(module.init, taps=tuple(taps)), jax.random.PRNGKey(0), images)
 
 
 def tap_info(name: str) -> dict[str, TapInfo]:
@@ -234,7 +263,7 @@ def install_weights(name: str, source: str | os.PathLike | None = None) -> Path:
     """Convert ``source`` (default: the file a pip package ships or torch has cached) and keep the
     result as ``name``'s default weights, so configs that name no weight file find them."""
     entry = _entry(name)
-    target = _target(entry.module(dtype=jnp.float32), entry)
+    target = _target(entry.module(dtype=jnp.float32), tuple(entry.taps))
     variables = _variables(name, entry, Path(source) if source else entry.bundled(), target)
     _write_cache(ported_path(name), variables)
     if _read_cache(ported_path(name), target) is None:
@@ -242,24 +271,32 @@ def install_weights(name: str, source: str | os.PathLike | None = None) -> Path:
     return ported_path(name)
 
 
-def random_init(name: str, seed: int = 0, dtype: Any = jnp.float32) -> Backbone:
-    """``name`` with randomly initialised weights: for timing and for checks that need no real weights."""
+def random_init(name: str, seed: int = 0, dtype: Any = jnp.float32, taps: Sequence[str] | None = None) -> Backbone:
+    """``name`` with randomly initialised weights: for timing and for checks that need no real weights.
+    ``taps``: as for :func:`load`."""
     entry = _entry(name)
     module = entry.module(dtype=dtype)
+    served = _up_to(name, entry, taps)
     images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    variables = jax.jit(partial(module.init, taps=tuple(entry.taps)))(jax.random.PRNGKey(seed), images)
-    return Backbone(name, module, entry.taps, variables)
+    variables = jax.jit(partial(module.init, taps=tuple(served)))(jax.random.PRNGKey(seed), images)
+    return Backbone(name, module, served, variables)
 
 
-def load(name: str, weights: str | os.PathLike | None = None, dtype: Any = jnp.float32) -> Backbone:
+def load(name: str, weights: str | os.PathLike | None = None, dtype: Any = jnp.float32,
+         taps: Sequence[str] | None = None) -> Backbone:
     """The backbone ``name`` with ``weights`` (a .pth/.safetensors file; None: the default weights).
 
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters and outputs stay float32.
+    ``taps``: the taps it will be asked for; then it keeps only the layers up to the deepest of them
+    (a WideResNet50-2 read at ``layer2`` and ``layer3`` leaves out ``layer4``, most of its weights).
     """
     entry = _entry(name)
     module = entry.module(dtype=dtype)
-    target = _target(module, entry)
+    served = _up_to(name, entry, taps)
+    target = _target(module, tuple(entry.taps))
     variables = None if weights else _read_cache(ported_path(name), target)
     if variables is None:
         variables = _variables(name, entry, Path(weights) if weights else entry.bundled(), target)
-    return Backbone(name, module, entry.taps, jax.device_put(variables))
+    if len(served) < len(entry.taps):
+        variables = _pruned(variables, _target(module, tuple(served)))
+    return Backbone(name, module, served, jax.device_put(variables))

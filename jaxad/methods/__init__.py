@@ -2,7 +2,8 @@
 
 Each public module here is a method. It provides ``fit(config, batches, backbone, mesh=None,
 progress=None) -> state`` and ``predict(config, backbone, state, images) -> (image_scores, maps)``,
-a pure function to be jit-compiled with ``config`` and ``backbone`` bound. Modules whose name
+a pure function to be jit-compiled with ``config`` and ``backbone`` bound; a method that reads
+backbone taps besides ``config.taps`` names them all in ``backbone_taps(config)``. Modules whose name
 starts with an underscore hold parts that several methods share.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from types import ModuleType
+
+import ml_collections
 
 from jaxad.errors import ConfigError
 
@@ -25,3 +28,9 @@ def get(name: str) -> ModuleType:
     if name not in names():
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(names())}")
     return importlib.import_module(f"jaxad.methods.{name}")
+
+
+def backbone_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The backbone taps ``config.method`` reads."""
+    method = get(config.method)
+    return tuple(method.backbone_taps(config)) if hasattr(method, "backbone_taps") else tuple(config.taps)

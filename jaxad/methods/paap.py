@@ -120,6 +120,11 @@ def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
                           f"--config.num_channels={config.num_channels} ≥ 1")
 
 
+def backbone_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The feature taps and, for the dense matcher, ``match_tap``."""
+    return tuple(dict.fromkeys([*config.taps, config.match_tap] if config.matcher == matching.DENSE else config.taps))
+
+
 def embed(config: ml_collections.ConfigDict, backbone: Backbone, variables, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Images → (adapted features [B, h, w, C'], unit-norm match descriptors [B, P, D] or None).
 
@@ -127,8 +132,7 @@ def embed(config: ml_collections.ConfigDict, backbone: Backbone, variables, imag
     The descriptors (``match_tap`` patches) exist only for the dense matcher.
     """
     dense = config.matcher == matching.DENSE
-    taps = tuple(dict.fromkeys([*config.taps, config.match_tap] if dense else config.taps))
-    maps = backbone.apply(variables, images, taps)
+    maps = backbone.apply(variables, images, backbone_taps(config))
     grid = maps[config.taps[0]].shape[1:3]
     f = jnp.concatenate([features.resize_bilinear(maps[t], grid) for t in config.taps], axis=-1)
     out = out_channels(f.shape[-1], config.patch_size, config.num_channels)
