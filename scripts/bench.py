@@ -264,7 +264,8 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         *report.provenance(command, f"{benchmark.machine()}, torch threads = CPU cores"), "",
         report.markdown_table(rows, columns), "",
         "Random weights; the forward stops at the deepest tap on both sides (torchvision's "
-        "create_feature_extractor, timm's features_only). Each row times its sides in "
+        "create_feature_extractor; timm's features_only model, which would run all its blocks, cut after the "
+        "deepest tap's). Each row times its sides in "
         f"{backbone_benchmark.ROUNDS} alternating rounds of {backbone_benchmark.PER_ROUND} calls each and "
         "takes each side's median call, so a slow phase of the machine slows every side alike. `gflop`: XLA's count of floating-point "
         "operations per image; `jaxad_gflops`: the rate the jaxad forward achieves; `of_matmul`: that "
