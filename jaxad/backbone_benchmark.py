@@ -48,8 +48,7 @@ def weight_bytes(name: str, taps: tuple[str, ...]) -> int:
 
 def stages(name: str, deepest: str) -> tuple[str, ...]:
     """``name``'s taps in network order up to ``deepest``: where a per-stage timing cuts the forward."""
-    order = list(backbones.tap_info(name))
-    return tuple(order[: order.index(deepest) + 1])
+    return tuple(backbones.taps_up_to(name, (deepest,)))
 
 
 def gflop_per_image(name: str, taps: tuple[str, ...], size: int) -> float:

@@ -31,7 +31,7 @@ def _extractor(name: str, taps: tuple[str, ...]):
                                   out_indices=tuple(LITE_STAGES[t] for t in taps))
         # timm's feature model runs all its blocks whatever out_indices asks for; stop after the
         # block whose output is the deepest tap, as jaxad's forward does
-        model.blocks = model.blocks[: max(model._stage_out_idx)]
+        model.blocks = model.blocks[: max(f["stage"] for f in model.feature_info.get_dicts())]
     else:
         model = create_feature_extractor(getattr(torchvision.models, name)(weights=None), {t: t for t in taps})
     torch.set_num_threads(os.cpu_count() or 1)

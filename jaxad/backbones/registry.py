@@ -156,7 +156,7 @@ def _requested(name: str, served: Mapping[str, TapInfo], taps: str | Sequence[st
     unknown = [t for t in taps if t not in served]
     if not unknown and taps:
         return taps
-    every = _ENTRIES[name].taps if name in _ENTRIES else served
+    every = _entry(name).taps
     beyond = [t for t in unknown if t in every]
     if beyond and served:
         raise ConfigError(f"backbone {name}: taps {beyond} lie beyond {list(served)[-1]!r}, the deepest tap it was "
@@ -164,14 +164,15 @@ def _requested(name: str, served: Mapping[str, TapInfo], taps: str | Sequence[st
     raise ConfigError(f"backbone {name}: unknown or no taps {unknown}; valid taps: {', '.join(every)}")
 
 
-def _up_to(name: str, entry: Entry, taps: Sequence[str] | None) -> dict[str, TapInfo]:
-    """The taps a backbone loaded for ``taps`` serves: every tap up to the deepest of them (all of
-    them for None)."""
+def taps_up_to(name: str, taps: Sequence[str] | None) -> dict[str, TapInfo]:
+    """``name``'s taps in network order up to the deepest of ``taps`` (all of them for None): the
+    taps a backbone loaded for ``taps`` serves."""
+    every = _entry(name).taps
     if taps is None:
-        return dict(entry.taps)
-    order = list(entry.taps)
-    deepest = max(order.index(t) for t in _requested(name, entry.taps, taps))
-    return {t: entry.taps[t] for t in order[: deepest + 1]}
+        return dict(every)
+    order = list(every)
+    deepest = max(order.index(t) for t in _requested(name, every, taps))
+    return {t: every[t] for t in order[: deepest + 1]}
 
 
 def _pruned(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict:
@@ -276,7 +277,7 @@ def random_init(name: str, seed: int = 0, dtype: Any = jnp.float32, taps: Sequen
     ``taps``: as for :func:`load`."""
     entry = _entry(name)
     module = entry.module(dtype=dtype)
-    served = _up_to(name, entry, taps)
+    served = taps_up_to(name, taps)
     images = jnp.zeros((1, 64, 64, 3), jnp.float32)
     variables = jax.jit(partial(module.init, taps=tuple(served)))(jax.random.PRNGKey(seed), images)
     return Backbone(name, module, served, variables)
@@ -292,7 +293,7 @@ def load(name: str, weights: str | os.PathLike | None = None, dtype: Any = jnp.f
     """
     entry = _entry(name)
     module = entry.module(dtype=dtype)
-    served = _up_to(name, entry, taps)
+    served = taps_up_to(name, taps)
     target = _target(module, tuple(entry.taps))
     variables = None if weights else _read_cache(ported_path(name), target)
     if variables is None:
