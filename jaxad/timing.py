@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import jax
@@ -38,6 +40,14 @@ def interleaved_median_seconds(fns: Mapping[str, Callable[[], Any]], rounds: int
                 jax.block_until_ready(fn())
                 times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def in_own_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` run in a new Python process (``fn`` and its arguments must pickle), so that what
+    one measurement leaves behind in a process (allocators' heaps, idle thread pools, compiled
+    programs, torch's and XLA's alike) cannot favour or slow the next one."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:

@@ -163,69 +163,84 @@ def _torch_calls(args: argparse.Namespace, name: str, taps: tuple[str, ...], siz
 
 
 def backbone_speed(args: argparse.Namespace, command: str) -> int:
-    import torch_reference
-
     rows, errors = [], []
     section = args.section or f"backbones-{jax.default_backend()}"
     reference = timing.matmul_gflops()
     for name, taps, size in _benchmarked_backbones(args):
-        gflop = backbone_benchmark.gflop_per_image(name, taps, size)
-        mib = {"jaxad_mib": backbone_benchmark.weight_bytes(name, taps) / 2**20,
-               "torch_mib": torch_reference.weight_bytes(name, taps) / 2**20}
-        for batch in backbone_benchmark.BATCHES:
-            torch_calls, no_compile = _torch_calls(args, name, taps, size, batch)
-            calls = {"jaxad": backbone_benchmark.extraction(name, taps, size, batch),
-                     "jaxad_bf16": backbone_benchmark.extraction(name, taps, size, batch, jnp.bfloat16),
-                     **torch_calls}
-            row = {"backbone": name, "taps": "+".join(taps), "size": size, "batch": batch, "gflop": gflop,
-                   "torch_compile": no_compile, **mib}
-            seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.ROUNDS, backbone_benchmark.PER_ROUND)
-            row.update({side: batch / s for side, s in seconds.items()})
-            row["jaxad_gflops"] = row["jaxad"] * gflop
-            row["of_matmul"] = row["jaxad_gflops"] / reference
-            row["jaxad_over_torch"] = row["jaxad"] / row["torch_eager"]
-            compiled = row["torch_compile"]
-            row["jaxad_over_compile"] = row["jaxad"] / compiled if isinstance(compiled, float) else "–"
-            rows.append(row)
-            print(row, flush=True)
-        errors.append({"backbone": name, **{f"max_rel_err {t}": e for t, e in
-                                            backbone_benchmark.bfloat16_error(name, taps, size).items()}})
+        timed, error = timing.in_own_process(_backbone_rows, args, name, taps, size, reference)
+        rows += timed
+        errors.append(error)
         # rewritten after every backbone, so a run cut short still leaves what it measured
         benchmark.write_section(args.out, section, _backbone_section(rows, errors, reference, command, args.note))
     print(f"wrote section {section!r} of {args.out}")
     return 0
 
 
-def backbone_stages(args: argparse.Namespace, command: str) -> int:
-    """Times forwards that stop at each tap in turn; a stage's time is the difference between the
-    forward to its tap and the forward to the tap before."""
+def _backbone_rows(args: argparse.Namespace, name: str, taps: tuple[str, ...], size: int,
+                   reference: float) -> tuple[list[dict], dict]:
+    """One backbone's rows of ``--backbones`` (one per batch size) and its row of bfloat16 errors."""
     import torch_reference
 
     rows = []
+    gflop = backbone_benchmark.gflop_per_image(name, taps, size)
+    mib = {"jaxad_mib": backbone_benchmark.weight_bytes(name, taps) / 2**20,
+           "torch_mib": torch_reference.weight_bytes(name, taps) / 2**20}
+    for batch in backbone_benchmark.BATCHES:
+        torch_calls, no_compile = _torch_calls(args, name, taps, size, batch)
+        calls = {"jaxad": backbone_benchmark.extraction(name, taps, size, batch),
+                 "jaxad_bf16": backbone_benchmark.extraction(name, taps, size, batch, jnp.bfloat16),
+                 **torch_calls}
+        row = {"backbone": name, "taps": "+".join(taps), "size": size, "batch": batch, "gflop": gflop,
+               "torch_compile": no_compile, **mib}
+        seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.ROUNDS, backbone_benchmark.PER_ROUND)
+        row.update({side: batch / s for side, s in seconds.items()})
+        row["jaxad_gflops"] = row["jaxad"] * gflop
+        row["of_matmul"] = row["jaxad_gflops"] / reference
+        row["jaxad_over_torch"] = row["jaxad"] / row["torch_eager"]
+        compiled = row["torch_compile"]
+        row["jaxad_over_compile"] = row["jaxad"] / compiled if isinstance(compiled, float) else "–"
+        rows.append(row)
+        print(row, flush=True)
+    errors = backbone_benchmark.bfloat16_error(name, taps, size)
+    return rows, {"backbone": name, **{f"max_rel_err {t}": e for t, e in errors.items()}}
+
+
+def backbone_stages(args: argparse.Namespace, command: str) -> int:
+    """Times forwards that stop at each tap in turn; a stage's time is the difference between the
+    forward to its tap and the forward to the tap before."""
+    rows = []
     section = args.section or f"backbone-stages-{jax.default_backend()}"
-    batch = backbone_benchmark.STAGE_BATCH
     for name, taps, size in _benchmarked_backbones(args):
-        previous: dict[str, float] = {}
-        for tap in backbone_benchmark.stages(name, taps[-1]):
-            if not torch_reference.reaches(name, tap):
-                continue
-            torch_calls, no_compile = _torch_calls(args, name, (tap,), size, batch)
-            calls = {"jaxad": backbone_benchmark.extraction(name, (tap,), size, batch), **torch_calls}
-            seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.STAGE_ROUNDS,
-                                                        backbone_benchmark.PER_ROUND)
-            row: dict = {"backbone": name, "size": size, "tap": tap, "torch_compile_ms": no_compile}
-            for side, s in seconds.items():
-                row[f"{side}_ms"] = 1e3 * s
-                row[f"{side}_stage_ms"] = 1e3 * (s - previous.get(side, 0.0))
-            for side, ratio in (("torch_eager", "stage_jaxad_over_torch"), ("torch_compile", "stage_jaxad_over_compile")):
-                mine, theirs = row["jaxad_stage_ms"], row.get(f"{side}_stage_ms")
-                row[ratio] = theirs / mine if theirs is not None and theirs > 0 and mine > 0 else "–"
-            previous = seconds
-            rows.append(row)
-            print(row, flush=True)
+        rows += timing.in_own_process(_stage_rows, args, name, taps, size)
         benchmark.write_section(args.out, section, _stage_section(rows, command, args.note))
     print(f"wrote section {section!r} of {args.out}")
     return 0
+
+
+def _stage_rows(args: argparse.Namespace, name: str, taps: tuple[str, ...], size: int) -> list[dict]:
+    """One backbone's rows of ``--backbones --per-tap``: the forward to each of its taps in turn."""
+    import torch_reference
+
+    rows, previous = [], {}
+    batch = backbone_benchmark.STAGE_BATCH
+    for tap in backbone_benchmark.stages(name, taps[-1]):
+        if not torch_reference.reaches(name, tap):
+            continue
+        torch_calls, no_compile = _torch_calls(args, name, (tap,), size, batch)
+        calls = {"jaxad": backbone_benchmark.extraction(name, (tap,), size, batch), **torch_calls}
+        seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.STAGE_ROUNDS,
+                                                    backbone_benchmark.PER_ROUND)
+        row: dict = {"backbone": name, "size": size, "tap": tap, "torch_compile_ms": no_compile}
+        for side, s in seconds.items():
+            row[f"{side}_ms"] = 1e3 * s
+            row[f"{side}_stage_ms"] = 1e3 * (s - previous.get(side, 0.0))
+        for side, ratio in (("torch_eager", "stage_jaxad_over_torch"), ("torch_compile", "stage_jaxad_over_compile")):
+            mine, theirs = row["jaxad_stage_ms"], row.get(f"{side}_stage_ms")
+            row[ratio] = theirs / mine if theirs is not None and theirs > 0 and mine > 0 else "–"
+        previous = seconds
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def _stage_section(rows: list[dict], command: str, note: str = "") -> str:
@@ -236,7 +251,7 @@ def _stage_section(rows: list[dict], command: str, note: str = "") -> str:
         *report.provenance(command, f"{benchmark.machine()}, torch threads = CPU cores"), "",
         report.markdown_table(rows, columns), "",
         "Each row times forwards that stop at `tap` (random weights; the backbone's input size in the "
-        "methods' settings) on every side, in "
+        "methods' settings) on every side, each backbone in a Python process of its own, in "
         f"{backbone_benchmark.STAGE_ROUNDS} alternating rounds of {backbone_benchmark.PER_ROUND} calls each. "
         "`*_stage_ms`: that forward's median time less the previous row's, i.e. the stage that ends at "
         "`tap` (the first row: input to its tap); `stage_jaxad_over_*`: the other side's stage time over "
@@ -265,7 +280,7 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         report.markdown_table(rows, columns), "",
         "Random weights; the forward stops at the deepest tap on both sides (torchvision's "
         "create_feature_extractor; timm's features_only model, which would run all its blocks, cut after the "
-        "deepest tap's). Each row times its sides in "
+        "deepest tap's). Each backbone is timed in a Python process of its own. Each row times its sides in "
         f"{backbone_benchmark.ROUNDS} alternating rounds of {backbone_benchmark.PER_ROUND} calls each and "
         "takes each side's median call, so a slow phase of the machine slows every side alike. `gflop`: XLA's count of floating-point "
         "operations per image; `jaxad_gflops`: the rate the jaxad forward achieves; `of_matmul`: that "

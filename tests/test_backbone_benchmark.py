@@ -1,4 +1,6 @@
-"""The FLOP count and the matmul yardstick behind the speed tables."""
+"""The FLOP count, the matmul yardstick and the timing rules behind the speed tables."""
+
+import os
 
 import jax
 import pytest
@@ -24,6 +26,11 @@ def test_interleaved_timing_alternates_the_contenders_round_by_round():
     seconds = timing.interleaved_median_seconds(fns, rounds=3, per_round=2, warmup=1, pause=0.0)
     assert calls == ["jaxad", "torch"] + ["jaxad", "jaxad", "torch", "torch"] * 3
     assert set(seconds) == {"jaxad", "torch"} and all(s >= 0 for s in seconds.values())
+
+
+def test_a_measurement_can_run_in_a_process_of_its_own():
+    assert timing.in_own_process(os.getpid) != os.getpid()
+    assert timing.in_own_process(sum, (1, 2, 3)) == 6
 
 
 def test_stages_run_in_network_order_up_to_the_deepest_tap():
