@@ -197,6 +197,17 @@ def _per_defect_table(rows: list[dict[str, Any]], key: str, value: Callable[[Any
     return [title, "", report.markdown_table(table, ["dataset", "method", "variant", *groups]), ""]
 
 
+def _defect_pixel_shares(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per dataset: each defect type's share of the test set's defect pixels, the weight a
+    type carries in the pooled pixel AUROC, AUPRO and AP."""
+    counts = {r["dataset"]: {d: v["defect_pixels"] for d, v in r["per_defect_pixel"].items()}
+              for r in rows if "per_defect_pixel" in r}
+    lines = [f"Share of {dataset}'s defect pixels per type (the types' weights in the pooled pixel metrics): "
+             + ", ".join(f"{d} {n / total:.3f}" for d, n in sorted(types.items()))
+             for dataset, types in sorted(counts.items()) if (total := sum(types.values())) > 0]
+    return [*lines, ""] if lines else []
+
+
 def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes: str = "",
                      link_root: Path | None = None) -> str:
     """Markdown for one benchmark run: what ran where, the table, per-defect image AUROC and pixel
@@ -210,6 +221,7 @@ def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes
                                "Image AUROC per defect type (each type against all good test images):")
     lines += _per_defect_table(rows, "per_defect_pixel", lambda v: v["pixel_ap"],
                                "Pixel AP per defect type (each type's images with all good test images):")
+    lines += _defect_pixel_shares(rows)
     plots = [(r, p) for r in rows for p in r.get("plots", [])]
     if plots and link_root is not None:
         lines += ["Plots: " + " · ".join(

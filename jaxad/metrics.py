@@ -273,18 +273,19 @@ def evaluate_by_group(image_scores: Any, labels: Any, groups: Sequence[str]) -> 
 
 
 def pixel_metrics_by_group(maps: Any, masks: Any, labels: Any, groups: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Pixel AUROC and AP of each anomalous group's images together with all normal images.
+    """Pixel AUROC and AP of each anomalous group's images together with all normal images, and
+    the group's number of defect pixels.
 
     A dataset's pixel metrics are dominated by the defect type with the largest masks; this shows
-    which type a method localises and which it misses.
+    which type a method localises and which it misses, and how much each type weighs.
     """
     m = _scores(maps, "anomaly maps")
     k = _targets(masks, m.shape, "masks")
     out = {}
     for name, chosen in _groups(labels, groups, len(m)).items():
         split = _split(m[chosen], k[chosen])
-        out[name] = {"pixel_auroc": float("nan"), "pixel_ap": float("nan")}
+        out[name] = {"pixel_auroc": float("nan"), "pixel_ap": float("nan"), "defect_pixels": int(k[chosen].sum())}
         if not _one_class(split):
             c = _curve(split)
-            out[name] = {"pixel_auroc": _auroc(c), "pixel_ap": _ap(c)}
+            out[name].update(pixel_auroc=_auroc(c), pixel_ap=_ap(c))
     return out

@@ -57,6 +57,9 @@ def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
     assert ap_columns[3:] == sorted(ap_columns[3:]) and len(ap_columns) > 3
     for line in lines[ap_top + 2 : ap_top + 2 + len(rows)]:
         assert all(0 <= float(c) <= 1 for c in line.strip("|").split("|")[3:] if c.strip())
+    shares = next(line for line in lines if line.startswith("Share of gear's defect pixels per type"))
+    values = [float(part.rsplit(" ", 1)[1]) for part in shares.split(": ", 1)[1].split(", ")]
+    assert len(values) == len(ap_columns) - 3 and sum(values) == pytest.approx(1.0, abs=0.01)
     for method, variant in (("crd", "small"), ("padim", "default")):
         for kind in ("roc", "map"):
             plot = tmp_path / "benchmarks" / "t" / f"{method}-{variant}-gear_{kind}.png"

@@ -244,7 +244,7 @@ def test_pixel_metrics_by_group_against_all_normal_images():
     groups = ["good", "good", "good", "a", "a", "b", "b"]
     out = metrics.pixel_metrics_by_group(maps, masks, labels, groups)
     assert set(out) == {"a", "b"}
-    assert out["a"] == pytest.approx({"pixel_auroc": 1.0, "pixel_ap": 1.0})
+    assert out["a"] == pytest.approx({"pixel_auroc": 1.0, "pixel_ap": 1.0, "defect_pixels": 2})
     assert out["b"]["pixel_auroc"] == pytest.approx(2.5 / 6)
     b_only = metrics.pixel_ap(maps[[0, 1, 2, 5, 6]], masks[[0, 1, 2, 5, 6]])
     assert out["b"]["pixel_ap"] == pytest.approx(b_only) and b_only < 1
