@@ -107,7 +107,9 @@ def test_simplenet_heads_training_is_data_parallel():
         assert h1.shape == (3, 2)
         np.testing.assert_allclose(h8[:, 0], h1[:, 0], rtol=1e-4)  # same training losses, step by step
         np.testing.assert_allclose(h8[:, 1], h1[:, 1], rtol=1e-3)  # validation after updates (Adam: see below)
-        assert_same_params(single["batch_stats"], sharded["batch_stats"], atol=1e-4)
+        # after the first step the statistics are of features made by weights that may differ by
+        # Adam's bound below, so they get that bound too
+        assert_same_params(single["batch_stats"], sharded["batch_stats"], atol=2 * 2e-4 * config.train_steps)
         for name in ("adaptor", "discriminator"):  # Adam: at most ~lr per step where gradients are ~0
             for x, y in zip(jax.tree.leaves(single[name]), jax.tree.leaves(sharded[name]), strict=True):
                 assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 2 * 2e-4 * config.train_steps
