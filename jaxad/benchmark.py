@@ -199,10 +199,10 @@ def _per_defect_table(rows: list[dict[str, Any]], key: str, value: Callable[[Any
 
 def _defect_pixel_shares(rows: list[dict[str, Any]]) -> list[str]:
     """One line per dataset: each defect type's share of the test set's defect pixels, the weight a
-    type carries in the pooled pixel AUROC, AUPRO and AP."""
+    type carries in the pooled pixel AUROC and AP (AUPRO averages over defect regions instead)."""
     counts = {r["dataset"]: {d: v["defect_pixels"] for d, v in r["per_defect_pixel"].items()}
               for r in rows if "per_defect_pixel" in r}
-    lines = [f"Share of {dataset}'s defect pixels per type (the types' weights in the pooled pixel metrics): "
+    lines = [f"Share of {dataset}'s defect pixels per type (the types' weights in the pooled pixel AUROC and AP): "
              + ", ".join(f"{d} {n / total:.3f}" for d, n in sorted(types.items()))
              for dataset, types in sorted(counts.items()) if (total := sum(types.values())) > 0]
     return [*lines, ""] if lines else []

@@ -272,7 +272,7 @@ def evaluate_by_group(image_scores: Any, labels: Any, groups: Sequence[str]) -> 
     return {name: image_auroc(s[chosen], t[chosen]) for name, chosen in _groups(t, groups, s.size).items()}
 
 
-def pixel_metrics_by_group(maps: Any, masks: Any, labels: Any, groups: Sequence[str]) -> dict[str, dict[str, float]]:
+def pixel_metrics_by_group(maps: Any, masks: Any, labels: Any, groups: Sequence[str]) -> dict[str, dict[str, float | int]]:
     """Pixel AUROC and AP of each anomalous group's images together with all normal images, and
     the group's number of defect pixels.
 
