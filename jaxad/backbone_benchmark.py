@@ -31,12 +31,17 @@ STAGE_BATCH, STAGE_ROUNDS = 1, 15  # per-tap timings: batch 1, where per-layer c
 ROUNDS, PER_ROUND = 5, 2  # alternating timing rounds per row, calls per side per round
 
 
-def extraction(name: str, taps: tuple[str, ...], size: int, batch: int,
-               dtype: Any = jnp.float32) -> Callable[[], dict[str, jax.Array]]:
+def extraction(name: str, taps: tuple[str, ...], size: int, batch: int, dtype: Any = jnp.float32,
+               xla_defaults: bool = False) -> Callable[[], dict[str, jax.Array]]:
     """One jitted extraction by random-weight ``name`` of fixed [batch, size, size, 3] images, as a
-    call (for :func:`jaxad.timing.interleaved_median_seconds`, which waits for its result)."""
+    call (for :func:`jaxad.timing.interleaved_median_seconds`, which waits for its result).
+    ``xla_defaults``: compiled by plain ``jax.jit``, without jaxad's CPU options
+    (:mod:`jaxad.compilation`), to measure what they give."""
     bb = backbones.random_init(name, dtype=dtype, taps=taps)
     images = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), dtype=np.float32))
+    if xla_defaults:
+        forward = jax.jit(bb.features_fn(taps))
+        return lambda: forward(bb.variables, images)
     return lambda: bb(images, taps)
 
 

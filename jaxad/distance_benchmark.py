@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxad import report, sampling, timing
+from jaxad import compilation, report, sampling, timing
 from jaxad.distances import crd, knn
 
 QUERIES = 10_000
@@ -33,10 +33,10 @@ def measure(d: int, n: int, flop_budget: float = 2e11, chunk_size: int = 10_000)
     bank = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32))
     M = crd.matrix(np.asarray(crd.gram(bank[: min(n, 100_000)])), 5.0)
     q_all = jnp.asarray(rng.standard_normal((QUERIES, d), dtype=np.float32))
-    score = jax.jit(crd.score)
+    score = compilation.jit(crd.score)
     t_crd = timing.median_seconds(lambda: score(M, q_all), 5)
     row = {"d": d, "n": n, "crd_s": t_crd, "crd_gflops": 2 * QUERIES * d * d / t_crd / 1e9, "crd_bytes": d * d * 4}
-    search = jax.jit(lambda q, b: knn.nearest(q, b, k=1, chunk_size=chunk_size)[0])
+    search = compilation.jit(lambda q, b: knn.nearest(q, b, k=1, chunk_size=chunk_size)[0])
     for name, size in (("nn", n), ("coreset_nn", max(1, n // 100))):
         q = int(np.clip(flop_budget // (2 * size * d), 100, QUERIES))
         sub = knn.make_bank(bank if size == n else bank[:size])

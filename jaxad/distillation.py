@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 from PIL import Image
 
-from jaxad import checkpoint, features, parallel, training
+from jaxad import checkpoint, compilation, features, parallel, training
 from jaxad.backbones import Backbone
 from jaxad.data.images import read_image
 from jaxad.errors import ConfigError
@@ -115,7 +115,7 @@ def file_batches(paths: Sequence[Path], batch_size: int, size: int, seed: int) -
 def target_stats(settings: Settings, backbone: Backbone, projection: jax.Array,
                  batches: Iterator[np.ndarray], count: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and population std of the raw targets over ``count`` images (float64 sums)."""
-    run = jax.jit(lambda v, x: target_features(settings, backbone, v, projection, resize_images(x, settings.target_size)))
+    run = compilation.jit(lambda v, x: target_features(settings, backbone, v, projection, resize_images(x, settings.target_size)))
     s1 = s2 = 0.0
     n, seen = 0, 0
     while seen < count:
@@ -157,7 +157,7 @@ def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray]
     tx = optimiser(settings.lr, settings.weight_decay)
     state = {"params": params, "opt": tx.init(params)}
 
-    @jax.jit
+    @compilation.jit
     def step(state: dict, images: jax.Array, key: jax.Array) -> tuple[dict, dict]:
         images = to_grayscale(images, jax.random.bernoulli(key, settings.grayscale, (images.shape[0],)))
         raw = target_features(settings, backbone, backbone.variables, projection,

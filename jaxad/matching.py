@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxad import compilation
 from jaxad.errors import ConfigError
 
 DENSE = "dense_mnn"
@@ -90,7 +91,7 @@ def pairwise_dense_counts(desc: np.ndarray, min_similarity: float, ratio: float,
     padded = np.zeros((blocks * chunk, *desc.shape[1:]), np.float32)
     padded[:n] = desc
     padded = jnp.asarray(padded)
-    count = jax.jit(partial(mutual_nn_counts, min_similarity=min_similarity, ratio=ratio))
+    count = compilation.jit(partial(mutual_nn_counts, min_similarity=min_similarity, ratio=ratio))
     out = np.zeros((blocks * chunk, blocks * chunk), np.int32)
     for i in range(blocks):
         rows = slice(i * chunk, (i + 1) * chunk)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxad import backbones, checkpoint, methods, metrics, report
+from jaxad import backbones, checkpoint, compilation, methods, metrics, report
 from jaxad.data import Dataset, find_categories, image_files, iterate_batches, open_dataset, read_image, resize_image
 from jaxad.errors import ConfigError
 
@@ -78,7 +78,7 @@ def make_predictor(config: ml_collections.ConfigDict, backbone: backbones.Backbo
     more than the prediction itself."""
     method = methods.get(config.method)
     state = jax.device_put({"backbone": backbone.variables, **saved})
-    predict = jax.jit(partial(method.predict, config, backbone))
+    predict = compilation.jit(partial(method.predict, config, backbone))
     return lambda images: predict(state, images)
 
 

@@ -13,6 +13,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxad import compilation
+
 
 def project(features: jax.Array, key: jax.Array, projection_dim: int = 128) -> jax.Array:
     """Gaussian random projection to ``projection_dim`` dims (identity when already that narrow)."""
@@ -23,7 +25,7 @@ def project(features: jax.Array, key: jax.Array, projection_dim: int = 128) -> j
     return jnp.matmul(features.astype(jnp.float32), matrix, precision=jax.lax.Precision.HIGHEST)
 
 
-@partial(jax.jit, static_argnames=("count",))
+@partial(compilation.jit, static_argnames=("count",))
 def farthest_points(points: jax.Array, count: int, start: jax.Array) -> jax.Array:
     """Indices [count] chosen greedily from ``points`` [n, d'], beginning with index ``start``."""
     sq = jnp.sum(jnp.square(points), axis=-1)

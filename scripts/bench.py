@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxad import backbone_benchmark, backbones, benchmark, cli, distance_benchmark, report, timing
+from jaxad import backbone_benchmark, backbones, benchmark, cli, compilation, distance_benchmark, report, timing
 from jaxad.data import find_categories, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +190,8 @@ def _backbone_rows(args: argparse.Namespace, name: str, taps: tuple[str, ...], s
         calls = {"jaxad": backbone_benchmark.extraction(name, taps, size, batch),
                  "jaxad_bf16": backbone_benchmark.extraction(name, taps, size, batch, jnp.bfloat16),
                  **torch_calls}
+        if compilation.cpu_options():
+            calls["jaxad_xla_defaults"] = backbone_benchmark.extraction(name, taps, size, batch, xla_defaults=True)
         row = {"backbone": name, "taps": "+".join(taps), "size": size, "batch": batch, "gflop": gflop,
                "torch_compile": no_compile, **mib}
         seconds = timing.interleaved_median_seconds(calls, backbone_benchmark.ROUNDS, backbone_benchmark.PER_ROUND)
@@ -197,6 +199,7 @@ def _backbone_rows(args: argparse.Namespace, name: str, taps: tuple[str, ...], s
         row["jaxad_gflops"] = row["jaxad"] * gflop
         row["of_matmul"] = row["jaxad_gflops"] / reference
         row["jaxad_over_torch"] = row["jaxad"] / row["torch_eager"]
+        row["jaxad_over_xla_defaults"] = row["jaxad"] / row["jaxad_xla_defaults"] if "jaxad_xla_defaults" in row else "–"
         compiled = row["torch_compile"]
         row["jaxad_over_compile"] = row["jaxad"] / compiled if isinstance(compiled, float) else "–"
         rows.append(row)
@@ -262,6 +265,12 @@ def _stage_section(rows: list[dict], command: str, note: str = "") -> str:
     ])
 
 
+def _options_text() -> str:
+    """jaxad's compile options on this backend, as the section names them."""
+    options = compilation.cpu_options()
+    return ", ".join(f"`{k}={v}`" for k, v in options.items()) if options else "none on this backend"
+
+
 def _verdict(rows: list[dict], ratio: str, against: str) -> str:
     """Which rows have jaxad at least as fast as ``against`` (by the ``ratio`` column), which not."""
     timed = [(f"{r['backbone']} b{r['batch']}", r[ratio]) for r in rows if isinstance(r[ratio], float)]
@@ -273,7 +282,8 @@ def _verdict(rows: list[dict], ratio: str, against: str) -> str:
 def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float, command: str,
                       note: str = "") -> str:
     columns = ["backbone", "taps", "size", "batch", "gflop", "jaxad", "jaxad_gflops", "of_matmul", "jaxad_bf16",
-               "torch_eager", "torch_compile", "jaxad_over_torch", "jaxad_over_compile", "jaxad_mib", "torch_mib"]
+               "jaxad_xla_defaults", "torch_eager", "torch_compile", "jaxad_over_torch", "jaxad_over_compile",
+               "jaxad_over_xla_defaults", "jaxad_mib", "torch_mib"]
     return "\n".join([
         "## Feature extraction: jaxad (jit) against torchvision/timm, images per second", "",
         *report.provenance(command, f"{benchmark.machine()}, torch threads = CPU cores"), "",
@@ -287,7 +297,10 @@ def _backbone_section(rows: list[dict], errors: list[dict], matmul_gflops: float
         f"rate over the rate of a 2048×2048 float32 matmul on the same machine in the same run "
         f"({matmul_gflops:.0f} GFLOP/s). `jaxad_mib`: the backbone's variables loaded for the row's taps "
         "(the layers up to the deepest tap; on CPU plus the transformed Winograd kernels, 4× the size of the "
-        "3×3 kernels they stand for); `torch_mib`: the torch extractor's parameters and buffers.", "",
+        "3×3 kernels they stand for); `torch_mib`: the torch extractor's parameters and buffers. "
+        f"`jaxad_xla_defaults`: the same forward compiled by plain `jax.jit`, without the XLA:CPU options "
+        f"jaxad compiles its programs with ({_options_text()}; `jaxad.compilation`); "
+        "`jaxad_over_xla_defaults`: what those options give.", "",
         _verdict(rows, "jaxad_over_torch", "torch_eager") + " " + _verdict(rows, "jaxad_over_compile", "torch_compile"), "",
         "What limits the ratio. A row with a large `of_matmul` is bound by the arithmetic of its "
         "convolutions, which XLA:CPU hands to Eigen's kernels and torch to oneDNN's; where oneDNN's "

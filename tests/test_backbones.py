@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxad import backbones
+from jaxad import backbones, compilation
 from jaxad.backbones import efficientnet_lite, port, registry
 from jaxad.backbones.torch_weights import read_state_dict
 from jaxad.errors import ConfigError, DataError, WeightsError
@@ -364,7 +364,7 @@ def test_early_taps_need_no_later_layers(lite0):
     x = _images(1, 64)
     early = {c: {k: v for k, v in tree.items() if k in {"stem_conv", "stem_bn", "block0", "block1", "block2"}}
              for c, tree in lite0.variables.items()}
-    out = jax.jit(lite0.features_fn("stage1"))(early, x)
+    out = compilation.jit(lite0.features_fn("stage1"))(early, x)  # compiled as lite0(x) is
     np.testing.assert_array_equal(np.asarray(out["stage1"]), np.asarray(lite0(x, "stage1")["stage1"]))
     with pytest.raises(flax.errors.ScopeParamNotFoundError):
         jax.eval_shape(lite0.features_fn("stage2"), early, x)

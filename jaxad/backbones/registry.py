@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
-from jaxad import parallel
+from jaxad import compilation, parallel
 from jaxad.backbones import hub, winograd
 from jaxad.backbones.torch_weights import read_state_dict
 from jaxad.errors import ConfigError, DataError, WeightsError
@@ -97,7 +97,7 @@ def _forward(module: nn.Module, taps: tuple[str, ...], variables: dict, images: 
     return {t: maps[t].astype(jnp.float32) for t in taps}
 
 
-@partial(jax.jit, static_argnums=(0, 1))
+@partial(compilation.jit, static_argnums=(0, 1))
 def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     """Compiled once per (module, taps, input shape), shared by every Backbone of that module."""
     images = jnp.asarray(images, jnp.float32)
@@ -279,7 +279,7 @@ def random_init(name: str, seed: int = 0, dtype: Any = jnp.float32, taps: Sequen
     module = entry.module(dtype=dtype)
     served = taps_up_to(name, taps)
     images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    variables = jax.jit(partial(module.init, taps=tuple(served)))(jax.random.PRNGKey(seed), images)
+    variables = compilation.jit(partial(module.init, taps=tuple(served)))(jax.random.PRNGKey(seed), images)
     return Backbone(name, module, served, variables)
 
 

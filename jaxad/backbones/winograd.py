@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxad import compilation
+
 MAX_INPUT = 2**20  # input elements (N·H·W·C) of a call above which XLA's convolution is faster on CPU:
 # the tile tensor, 2.25× the input, then passes 9 MiB and leaves the cache (timed layer by layer on
 # 2 cores for 64-512 channels: faster up to 2^20, slower above)
@@ -89,5 +91,5 @@ def transformed_kernels(params: Mapping[str, Any]) -> dict[str, Any]:
             if sub:
                 out[name] = sub
         elif name == "kernel" and value.ndim == 4 and value.shape[:2] == (3, 3) and value.shape[2] > 1:
-            out[name] = jax.jit(kernel_transform)(value)
+            out[name] = compilation.jit(kernel_transform)(value)
     return out

@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxad import compilation
+
 MAX_RES_LOG2 = 5  # Perlin lattice resolution 2^U{0..5} per axis
 
 
@@ -142,7 +144,7 @@ def augment(key: jax.Array, image: jax.Array, p: float = 0.3) -> jax.Array:
 
 def texture_bank(key: jax.Array, count: int, size: int) -> jax.Array:
     """``count`` procedural textures [count, size, size, 3], made once per fit (one compiled call)."""
-    return jax.jit(jax.vmap(procedural_texture, in_axes=(0, None)), static_argnums=1)(jax.random.split(key, count), size)
+    return compilation.jit(jax.vmap(procedural_texture, in_axes=(0, None)), static_argnums=1)(jax.random.split(key, count), size)
 
 
 def synthesize(key: jax.Array, image: jax.Array, allowed: jax.Array, textures: jax.Array,

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxad import compilation
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -59,7 +61,7 @@ def inertia(x: jax.Array, centres: jax.Array) -> jax.Array:
     return jnp.sum(jnp.min(squared_distances(x, centres), -1))
 
 
-@partial(jax.jit, static_argnames=("k", "n_init", "iterations"))
+@partial(compilation.jit, static_argnames=("k", "n_init", "iterations"))
 def kmeans(x: jax.Array, k: int, key: jax.Array, n_init: int = 10, iterations: int = 100) -> jax.Array:
     """k-means (k-means++ seeding + Lloyd), ``n_init`` seeded restarts run in parallel; the centres
     [k, d] of the restart with the lowest inertia (as sklearn's ``KMeans(n_init=...)``)."""

@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxad import metrics as jaxad_metrics
-from jaxad import parallel, postprocess, training
+from jaxad import compilation, parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.cpr import anomalies, local
 
@@ -210,8 +210,8 @@ def validation_set(config: ml_collections.ConfigDict, backbone: Backbone, data: 
     synth = jax.vmap(lambda k, im, fg: anomalies.synthesize(k, im, fg > 0.5, data["textures"], 1.0,
                                                            1.0 if config.texture else config.p_texture))
     keys = jax.random.split(jax.random.key(config.seed + 7), len(val_ids))
-    queries, masks = jax.jit(synth)(keys, data["images"][ids], data["foreground"][ids])
-    extract = jax.jit(lambda x: backbone_maps(config, backbone, data["backbone"], x))
+    queries, masks = compilation.jit(synth)(keys, data["images"][ids], data["foreground"][ids])
+    extract = compilation.jit(lambda x: backbone_maps(config, backbone, data["backbone"], x))
     refs = val_neighbours.reshape(-1)
     return {"queries": extract(queries), "refs": extract(data["images"][jnp.asarray(refs)]), "masks": masks,
             "neighbours": jnp.arange(len(refs), dtype=jnp.int32).reshape(val_neighbours.shape)}
@@ -275,7 +275,7 @@ def make_step(config: ml_collections.ConfigDict, backbone: Backbone, data: dict,
     if mesh is not None:
         data, train_ids, val = parallel.replicate((data, train_ids, val), mesh)
 
-    @jax.jit
+    @compilation.jit
     def update(state, key, data, train_ids):
         idx = batch_indices(frozen, state["step"], train_ids)
         grad_fn = jax.value_and_grad(partial(training_loss, frozen, backbone, shard=shard), has_aux=True)
@@ -285,7 +285,7 @@ def make_step(config: ml_collections.ConfigDict, backbone: Backbone, data: dict,
                  "opt": opt, "step": state["step"] + 1}
         return state, metrics
 
-    maps = jax.jit(partial(validation_maps, frozen))
+    maps = compilation.jit(partial(validation_maps, frozen))
 
     def step(state, _batch, key):
         state, metrics = update(state, key, data, train_ids)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import parallel, postprocess, training
+from jaxad import compilation, parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.cpr import anomalies, foreground, local, retrieval
 from jaxad.cpr import train as lrb_training
@@ -80,7 +80,7 @@ def load_textures(folder: str, size: int, limit: int) -> np.ndarray:
 
 def extract(config: ml_collections.ConfigDict, backbone: Backbone, images: np.ndarray) -> list[np.ndarray]:
     """Raw backbone maps of every image, one [N, h, w, C] array per tap of ``config.taps``."""
-    run = jax.jit(lambda v, x: [m.astype(jnp.float32) for m in backbone.apply(v, x, tuple(config.taps)).values()])
+    run = compilation.jit(lambda v, x: [m.astype(jnp.float32) for m in backbone.apply(v, x, tuple(config.taps)).values()])
     out = [run(backbone.variables, images[i:i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
     maps = [np.concatenate([np.asarray(o[t]) for o in out]) for t in range(len(config.taps))]
     if not all(np.isfinite(m).all() for m in maps):
@@ -114,7 +114,7 @@ def _fit_foreground(config: ml_collections.ConfigDict, first: np.ndarray) -> tup
     (model, foreground maps [N, h, w])."""
     key = jax.random.key(config.seed + 2)
     centres = retrieval.kmeans(jnp.asarray(sample_pixels(first, config.kmeans_samples, config.seed + 2)), 2, key)
-    words = np.asarray(jax.jit(retrieval.assign)(jnp.asarray(first), centres))
+    words = np.asarray(compilation.jit(retrieval.assign)(jnp.asarray(first), centres))
     pos_mask, neg_mask = foreground.pseudo_labels(words)
     rng = np.random.default_rng(config.seed + 3)
     pos, neg = first[pos_mask], first[neg_mask]
@@ -135,9 +135,9 @@ def _fit_foreground(config: ml_collections.ConfigDict, first: np.ndarray) -> tup
 def _bank(config: ml_collections.ConfigDict, raw: list[np.ndarray], params: dict | None, stats: dict | None) -> dict:
     """Unit-length reference descriptors of every training image, per scale."""
     if params is None:
-        run = jax.jit(lambda maps: [local.normalise(m) for m in maps])
+        run = compilation.jit(lambda maps: [local.normalise(m) for m in maps])
     else:
-        run = jax.jit(lambda maps: lrb_training.describe(config, params, stats, maps))
+        run = compilation.jit(lambda maps: lrb_training.describe(config, params, stats, maps))
     n, size = len(raw[0]), config.batch_size
     chunks = [run([jnp.asarray(m[i:i + size]) for m in raw]) for i in range(0, n, size)]
     return {f"scale{s}": jnp.concatenate([c[s] for c in chunks]) for s in range(len(raw))}
@@ -158,7 +158,7 @@ def fit(
     first = raw[0]
     centres = retrieval.kmeans(jnp.asarray(sample_pixels(first, config.kmeans_samples, config.seed)), config.clusters,
                                jax.random.key(config.seed), config.kmeans_restarts)
-    hists = jax.jit(retrieval.histograms, static_argnums=2)(jnp.asarray(first), centres, config.blocks)
+    hists = compilation.jit(retrieval.histograms, static_argnums=2)(jnp.asarray(first), centres, config.blocks)
     state: dict = {"centres": centres, "histograms": hists, "fingerprints": jnp.asarray(first.mean((1, 2)))}
 
     fg_maps = np.ones(first.shape[:3], np.float32)

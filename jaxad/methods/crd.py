@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import features, parallel, postprocess
+from jaxad import compilation, features, parallel, postprocess
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
 from jaxad.distances import crd
@@ -35,7 +35,7 @@ def _gram_step(config: ml_collections.ConfigDict, backbone: Backbone, mesh: jax.
         n = jnp.sum(valid) * f.shape[1] * f.shape[2]
         return crd.gram(f), n.astype(jnp.float32)
 
-    return jax.jit(parallel.summed_over_batch(shard_gram, mesh))
+    return compilation.jit(parallel.summed_over_batch(shard_gram, mesh))
 
 
 def fit(

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxad import distillation, parallel, postprocess, training
+from jaxad import compilation, distillation, parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.data import Batch, image_files
 from jaxad.errors import ConfigError
@@ -202,7 +202,7 @@ def batched(fn: Callable, images: np.ndarray, batch_size: int) -> list:
 
 def teacher_stats(config: ml_collections.ConfigDict, params: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and population std of the teacher's outputs on unaugmented images."""
-    run = jax.jit(lambda x: teacher_net(config).apply({"params": params}, imagenet_normalise(x)))
+    run = compilation.jit(lambda x: teacher_net(config).apply({"params": params}, imagenet_normalise(x)))
     s1 = s2 = 0.0
     n = 0
     for f in batched(run, images, config.batch_size):
@@ -243,7 +243,7 @@ def make_step(config: ml_collections.ConfigDict, frozen: dict) -> Callable:
         total = l_hard + l_pen + l_ae + l_stae
         return total, {"loss": total, "hard": l_hard, "penalty": l_pen, "ae": l_ae, "stae": l_stae}
 
-    @jax.jit
+    @compilation.jit
     def step(state: dict, batch: tuple[jax.Array, jax.Array], key: jax.Array) -> tuple[dict, dict]:
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"], *batch, key)
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -265,7 +265,7 @@ def train_batches(config: ml_collections.ConfigDict, images: np.ndarray) -> Iter
 
 def validation_quantiles(config: ml_collections.ConfigDict, state: dict, images: np.ndarray) -> dict:
     """q_a and q_b of map_ST and map_AE over every pixel of the validation maps."""
-    run = jax.jit(lambda x: raw_maps(*outputs(config, state, x)))
+    run = compilation.jit(lambda x: raw_maps(*outputs(config, state, x)))
     parts = batched(run, images, config.batch_size)
     qs = (config.q_a, config.q_b)
     st = np.quantile(np.concatenate([p[0] for p in parts]), qs)

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
-from jaxad import features, matching, postprocess
+from jaxad import compilation, features, matching, postprocess
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
 from jaxad.distances import mahalanobis as gaussian
@@ -219,8 +219,8 @@ def fit(
     """Extract, match all pairs, group, and fit one Gaussian per group and location. No training."""
     check(config, backbone)
     dense = config.matcher == matching.DENSE
-    extract = jax.jit(lambda v, x: embed(config, backbone, v, x))
-    grey_fn = jax.jit(matching.grey_uint8)
+    extract = compilation.jit(lambda v, x: embed(config, backbone, v, x))
+    grey_fn = compilation.jit(matching.grey_uint8)
     feats, descs, greys = [], [], []
     for batch in batches:
         valid = np.asarray(batch.valid)

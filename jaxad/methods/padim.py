@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import features, parallel, postprocess
+from jaxad import compilation, features, parallel, postprocess
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
 from jaxad.distances import mahalanobis
@@ -54,14 +54,14 @@ def fit(
     """One pass: per-location moments about the first batch's mean, then mean and Cholesky factor."""
     mesh = parallel.batch_mesh() if mesh is None else mesh
     channels = channel_subset(config, backbone)
-    extract = jax.jit(lambda v, x, c: patch_features(config, backbone, v, x, c))
+    extract = compilation.jit(lambda v, x, c: patch_features(config, backbone, v, x, c))
 
     def shard_moments(replicated, batch):
         variables, shift = replicated
         images, valid = batch
         return mahalanobis.moments(extract(variables, images, channels), valid, shift)
 
-    step = jax.jit(parallel.summed_over_batch(shard_moments, mesh))
+    step = compilation.jit(parallel.summed_over_batch(shard_moments, mesh))
     variables = parallel.replicate(backbone.variables, mesh)
     total, shift = None, None
     for batch in batches:
@@ -77,7 +77,7 @@ def fit(
             progress(int(np.sum(batch.valid)))
     if total is None:
         raise NumericsError("no training batch was seen; the training set is empty")
-    mean, chol = jax.jit(mahalanobis.gaussians, static_argnums=2)(total, shift, config.reg)
+    mean, chol = compilation.jit(mahalanobis.gaussians, static_argnums=2)(total, shift, config.reg)
     if not bool(jnp.isfinite(chol).all()):
         raise NumericsError(f"covariance not positive definite at some location; raise --config.reg (now {config.reg})")
     return {"channels": jnp.asarray(channels), "mean": mean, "chol": chol, "n": total.n}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import postprocess, sampling
+from jaxad import compilation, postprocess, sampling
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
 from jaxad.distances import knn
@@ -34,7 +34,7 @@ def fit(
     """Collect every training patch feature, then keep a greedy coreset of ``coreset_ratio`` of them."""
     if config.score not in SCORES:
         raise ConfigError(f"--config.score={config.score}: choose one of {', '.join(SCORES)}")
-    extract = jax.jit(lambda v, x: patch_features(config, backbone, v, x))
+    extract = compilation.jit(lambda v, x: patch_features(config, backbone, v, x))
     patches = []
     for batch in batches:
         f = np.asarray(extract(backbone.variables, batch.images))[np.asarray(batch.valid)]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import training
+from jaxad import compilation, training
 from jaxad.distances import mahalanobis as gaussian
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
@@ -88,12 +88,12 @@ def fit(
         raise ConfigError(f"--config.feature={config.feature}: choose one of {', '.join(FEATURES)}")
     images = training.collect_images(batches, progress)
     state, train_idx, val_idx = efficientad.fit_images(config, images, backbone)
-    pool = jax.jit(lambda x: pooled_features(config, *efficientad.outputs(config, state, x)[:2]))
+    pool = compilation.jit(lambda x: pooled_features(config, *efficientad.outputs(config, state, x)[:2]))
     f = np.concatenate(efficientad.batched(pool, images[train_idx], config.batch_size))
     cov, _ = ledoit_wolf(f)
     state = {**state, "gauss_mean": jnp.asarray(f.mean(0), jnp.float32),
              "precision": jnp.asarray(np.linalg.pinv(cov, hermitian=True), jnp.float32)}
-    run = jax.jit(lambda x: scores(config, state, x)[:2])
+    run = compilation.jit(lambda x: scores(config, state, x)[:2])
     parts = efficientad.batched(run, images[val_idx], config.batch_size)
     effad, maha = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
     return {**state, "z_effad": z_stats(effad), "z_maha": z_stats(maha)}

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxad import features, parallel, postprocess, training
+from jaxad import compilation, features, parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
 from jaxad.errors import ConfigError, NumericsError
@@ -255,7 +255,7 @@ def make_step(config: ml_collections.ConfigDict, train_features: jax.Array, val_
     all-reduced, so the step computes what one device would."""
     frozen = ml_collections.FrozenConfigDict(config)
     train_features, val_features = parallel.replicate((train_features, val_features), mesh)
-    step = jax.jit(partial(_step, frozen, parallel.along_batch(mesh)))
+    step = compilation.jit(partial(_step, frozen, parallel.along_batch(mesh)))
     return lambda state, _batch, key: step(state, key, train_features, val_features)
 
 
@@ -272,7 +272,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
 def extract(config: ml_collections.ConfigDict, batches: Iterable[Batch], backbone: Backbone, dim: int,
             progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Patch features of every valid training image [N, h, w, dim], computed once (frozen backbone)."""
-    run = jax.jit(lambda v, x: embed(config, backbone, v, x, dim))
+    run = compilation.jit(lambda v, x: embed(config, backbone, v, x, dim))
     out = []
     for batch in batches:
         f = np.asarray(run(backbone.variables, batch.images))[np.asarray(batch.valid)]

@@ -1,0 +1,63 @@
+"""``jax.jit`` with the XLA:CPU options jaxad's programs run fastest with.
+
+XLA:CPU (jax 0.10) hands matrix products and convolutions to YNNPACK. In whole backbone forwards
+on the 2-core AVX-512 machine of BENCHMARKS.md, XLA's own kernels for them were faster, so on CPU
+jaxad compiles its programs with ``xla_cpu_experimental_ynn_fusion_type`` set to keep YNNPACK to
+reductions. Section backbones-cpu of BENCHMARKS.md times every backbone both ways
+(``jaxad_over_xla_defaults``).
+
+The option applies to jaxad's own compiled programs, not to the process. Where a CPU runs
+YNNPACK's products faster, set the option in ``XLA_FLAGS``: jaxad then leaves it to that setting.
+On GPU/TPU, or with an XLA that does not know the option, programs compile with XLA's defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+YNN_SETTING = "LIBRARY_FUSION_TYPE_REDUCE"  # YNNPACK for reductions; products and convolutions by XLA
+
+
+@functools.cache
+def cpu_options() -> dict[str, str]:
+    """The compile options of jaxad's programs on this backend (empty: XLA's defaults).
+
+    Decided at the first compilation, not at import, so that importing jaxad does not start a
+    backend (and ``jax_num_cpu_devices`` can still be set after the import)."""
+    if jax.default_backend() != "cpu" or YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    options = {YNN_OPTION: YNN_SETTING}
+    try:  # an XLA without the option (or this value of it) rejects it at compile time
+        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(options)
+    except Exception:  # noqa: BLE001 - any rejection means: compile with the defaults
+        return {}
+    return options
+
+
+def jit(fun: Callable | None = None, /, **kwargs: Any) -> Callable:
+    """``jax.jit(fun, **kwargs)`` compiled with :func:`cpu_options`; usable as ``@jit`` and
+    ``@partial(jit, static_argnums=...)``. Called with traced arguments (inside another jitted
+    function) it is an ordinary nested ``jax.jit``, and the outer program's options apply: JAX
+    takes compile options only at the top level."""
+    if fun is None:
+        return functools.partial(jit, **kwargs)
+    nested = jax.jit(fun, **kwargs)
+    top: Callable | None = None
+
+    @functools.wraps(fun)
+    def call(*args: Any, **call_kwargs: Any) -> Any:
+        nonlocal top
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, call_kwargs))):
+            return nested(*args, **call_kwargs)
+        if top is None:
+            top = jax.jit(fun, compiler_options=cpu_options(), **kwargs) if cpu_options() else nested
+        return top(*args, **call_kwargs)
+
+    return call

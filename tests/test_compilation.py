@@ -1,0 +1,74 @@
+"""jaxad.compilation: jax.jit with jaxad's XLA:CPU options, usable everywhere jax.jit is."""
+
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxad import compilation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_options():
+    compilation.cpu_options.cache_clear()
+    yield
+    compilation.cpu_options.cache_clear()
+
+
+def test_top_level_and_nested_calls_agree():
+    """A jaxad-jitted function runs at the top level (with the options) and inside another jitted
+    function (where JAX allows no compile options) to the same result."""
+    f = compilation.jit(lambda a, b: jnp.tanh(a @ b).sum(-1))
+    a, b = (jnp.asarray(np.random.default_rng(i).random((64, 64)), jnp.float32) for i in (0, 1))
+    top = f(a, b)
+    nested = jax.jit(lambda a, b: f(a, b) * 2.0)(a, b)
+    np.testing.assert_allclose(np.asarray(nested), 2.0 * np.asarray(top), rtol=1e-5)
+
+
+def test_static_arguments_pass_through():
+    @partial(compilation.jit, static_argnames=("power",))
+    def raise_to(x, power):
+        return x**power
+
+    assert float(raise_to(jnp.float32(3.0), power=2)) == 9.0
+    assert float(raise_to(jnp.float32(3.0), power=3)) == 27.0
+
+
+def test_cpu_options_are_checked_against_xla(monkeypatch, fresh_options):
+    """An option value this XLA rejects means compiling with XLA's defaults, not an error."""
+    monkeypatch.setattr(compilation, "YNN_SETTING", "NOT_A_FUSION_TYPE")
+    assert compilation.cpu_options() == {}
+    assert float(compilation.jit(lambda x: x + 1)(jnp.float32(1.0))) == 2.0
+
+
+def test_top_level_calls_compile_with_the_options(monkeypatch, fresh_options):
+    """The options reach the top-level compilation and, where this XLA knows them, take effect:
+    a compiled product is then not a YNNPACK fusion."""
+    options = compilation.cpu_options()
+    if jax.default_backend() != "cpu":
+        assert options == {}
+    seen, plain_jit = [], jax.jit
+    monkeypatch.setattr(jax, "jit", lambda fun, **kw: seen.append(kw.get("compiler_options")) or plain_jit(fun, **kw))
+    x = jnp.ones((128, 128), jnp.float32)
+    compilation.jit(lambda a: a @ a)(x)
+    assert seen[-1] == (options or None)
+    if options:
+        assert "__ynn_fusion" not in plain_jit(lambda a: a @ a).lower(x).compile(options).as_text()
+
+
+def test_a_users_xla_flags_setting_wins():
+    """With the option in XLA_FLAGS, jaxad adds nothing of its own."""
+    code = "from jaxad import compilation; assert compilation.cpu_options() == {}, compilation.cpu_options()"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --{compilation.YNN_OPTION}=LIBRARY_FUSION_TYPE_REDUCE".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
