@@ -54,10 +54,11 @@ def jit(fun: Callable | None = None, /, **kwargs: Any) -> Callable:
     @functools.wraps(fun)
     def call(*args: Any, **call_kwargs: Any) -> Any:
         nonlocal top
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, call_kwargs))):
+        options = cpu_options()  # cached: without options (GPU/TPU) no argument is looked at
+        if not options or any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, call_kwargs))):
             return nested(*args, **call_kwargs)
         if top is None:
-            top = jax.jit(fun, compiler_options=cpu_options(), **kwargs) if cpu_options() else nested
+            top = jax.jit(fun, compiler_options=options, **kwargs)
         return top(*args, **call_kwargs)
 
     return call
