@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -152,6 +153,24 @@ def test_contrastive_loss_matches_numpy():
     got = jax.jit(lrb_training.contrastive_loss, static_argnums=(4, 5, 6))(
         *map(jnp.asarray, (cp, v, cn, w)), 0.8, -0.2, 3.0)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_point_pairs_sample_where_each_pair_type_belongs():
+    size, n = 16, 4000
+    config = ml_collections.ConfigDict({"pairs_per_type": n, "remote_distance": 5.656854})
+    mask = np.zeros((size, size), np.float32)
+    mask[4:8, 2:10] = 1.0
+    fg = np.ones((size, size), np.float32)
+    fg[:, 12:] = 0.0  # background on both images: positives avoid it
+    pairs = jax.jit(lambda k, m, f: lrb_training.point_pairs(config, k, m, f, f))(
+        jax.random.key(0), jnp.asarray(mask), jnp.asarray(fg))
+    pos, anom, rq = (np.asarray(pairs[k]) for k in ("pos", "anom", "remote_q"))
+    assert mask[anom[:, 0], anom[:, 1]].all()
+    assert not mask[pos[:, 0], pos[:, 1]].any() and fg[pos[:, 0], pos[:, 1]].all()
+    counts = np.bincount(rq[:, 0] * size + rq[:, 1], minlength=size * size)  # remote queries: uniform
+    expected = n / size ** 2
+    assert rq.min() >= 0 and rq.max() < size and counts.min() > 0
+    assert np.sum((counts - expected) ** 2 / expected) < size ** 2 + 5 * np.sqrt(2 * size ** 2)
 
 
 def test_bilinear_sample_matches_torch_grid_sample():

@@ -65,6 +65,14 @@ def sample_points(key: jax.Array, weights: jax.Array, n: int) -> jax.Array:
     return jnp.stack([idx // weights.shape[1], idx % weights.shape[1]], -1)
 
 
+def uniform_points(key: jax.Array, size: int, n: int) -> jax.Array:
+    """n pixel coordinates [n, 2] of an size×size image, uniform with replacement. Not
+    :func:`sample_points` with constant weights: XLA would constant-fold their cumulative sum at
+    every compilation, for seconds at 320 px."""
+    idx = jax.random.randint(key, (n,), 0, size * size)
+    return jnp.stack([idx // size, idx % size], -1)
+
+
 def bilinear_sample(fmap: jax.Array, points: jax.Array, size: int) -> jax.Array:
     """Values of fmap [h, w, C] at image pixels points [n, 2] of an S×S image, as torch grid_sample
     (align_corners=False, zero padding) with u = p·w/(S − 1) − 0.5 (the reference code's mapping)."""
@@ -103,7 +111,7 @@ def point_pairs(config: ml_collections.ConfigDict, key: jax.Array, mask: jax.Arr
     normal = 1.0 - mask
     pos = sample_points(k_pos, normal * jnp.maximum(fg_q, fg_r), n)
     anom = sample_points(k_anom, mask, n)
-    rq = sample_points(k_rq, jnp.ones_like(mask), n)
+    rq = uniform_points(k_rq, size, n)
     rr = sample_points(k_rr, jnp.maximum(fg_q, fg_r), n)
     theta = config.remote_distance * size / 320.0
     far = jnp.linalg.norm((rq - rr).astype(jnp.float32), axis=-1) > theta
