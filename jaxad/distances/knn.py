@@ -52,11 +52,11 @@ def _search(q: jax.Array, bank: Bank, k: int, chunk_size: int, offset: jax.Array
         best_d, best_i = carry
         v, s, start = xs
         d2 = q_sq - 2.0 * jnp.matmul(q, v.T, precision=_HIGHEST) + s[None, :]
-        cand_i = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), d2.shape)
-        all_d = jnp.concatenate([best_d, d2], axis=1)
-        all_i = jnp.concatenate([best_i, cand_i], axis=1)
-        neg, pos = jax.lax.top_k(-all_d, k)
-        return (-neg, jnp.take_along_axis(all_i, pos, axis=1)), None
+        neg, pos = jax.lax.top_k(-jnp.concatenate([best_d, d2], axis=1), k)
+        # positions below k are the carried best, the rest this chunk's columns: no [m, chunk]
+        # index array (XLA would also constant-fold its iota at every compilation)
+        kept = jnp.take_along_axis(best_i, jnp.minimum(pos, k - 1), axis=1)
+        return (-neg, jnp.where(pos < k, kept, start + pos - k)), None
 
     starts = jnp.arange(vectors.shape[0], dtype=jnp.int32) * chunk + offset
     (best_d, best_i), _ = jax.lax.scan(step, init, (vectors, sq, starts))
