@@ -62,7 +62,7 @@ def sample_points(key: jax.Array, weights: jax.Array, n: int) -> jax.Array:
     flat = weights.reshape(-1)
     flat = jnp.where(flat.sum() > 0, flat, jnp.ones_like(flat))
     idx = jax.random.choice(key, flat.shape[0], (n,), p=flat / flat.sum())
-    return jnp.stack([idx // weights.shape[1], idx % weights.shape[1]], -1)
+    return jnp.stack(jnp.unravel_index(idx, weights.shape), -1)
 
 
 def uniform_points(key: jax.Array, size: int, n: int) -> jax.Array:
@@ -70,7 +70,7 @@ def uniform_points(key: jax.Array, size: int, n: int) -> jax.Array:
     :func:`sample_points` with constant weights: XLA would constant-fold their cumulative sum at
     every compilation, for seconds at 320 px."""
     idx = jax.random.randint(key, (n,), 0, size * size)
-    return jnp.stack([idx // size, idx % size], -1)
+    return jnp.stack(jnp.unravel_index(idx, (size, size)), -1)
 
 
 def bilinear_sample(fmap: jax.Array, points: jax.Array, size: int) -> jax.Array:
