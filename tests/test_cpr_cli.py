@@ -92,9 +92,12 @@ def test_a_batch_scores_like_its_images_one_by_one(untrained, category):
         np.testing.assert_allclose(np.asarray(maps[i]), np.asarray(one_map[0]), rtol=1e-5, atol=1e-6)
 
 
-def test_trained_local_branch_end_to_end(category, tmp_path):
+def test_trained_local_branch_end_to_end(category, tmp_path, caplog):
     workdir = tmp_path / "w"
-    _check_metrics(fit("cpr_faster", category, workdir, "--config.train_steps=4", "--config.validate_every=2"))
+    with jax.log_compiles(), caplog.at_level("WARNING", logger="jax._src.dispatch"):
+        _check_metrics(fit("cpr_faster", category, workdir, "--config.train_steps=4", "--config.validate_every=2"))
+    # validation between steps must not change what the step is compiled for
+    assert sum("compilation of jit(update)" in r.getMessage() for r in caplog.records) == 1
     history = json.loads((workdir / "train_history.json").read_text())
     assert history["n_train"] == 7 and history["selected_step"] in (2, 4)  # 1 of 8 held out for selection
     assert np.isfinite(history["best_auroc"]) and (workdir / "train").is_dir()

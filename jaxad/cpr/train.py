@@ -263,7 +263,8 @@ def init_state(config: ml_collections.ConfigDict, channels: list[int], key: jax.
 def _validated(state: dict, value: float) -> dict:
     """Record the validation AUROC of the current branches; keep them if it is the best yet."""
     better = bool(np.isfinite(value)) and value > float(state["best_auroc"])
-    value = jnp.float32(value)
+    # placed like the value it replaces: a differently placed scalar would recompile the step
+    value = jax.device_put(jnp.float32(value), state["last_auroc"].sharding)
     if not better:
         return {**state, "last_auroc": value}
     best = {"params": state["params"], "batch_stats": state["batch_stats"]}
