@@ -62,3 +62,12 @@ def jit(fun: Callable | None = None, /, **kwargs: Any) -> Callable:
         return top(*args, **call_kwargs)
 
     return call
+
+
+def init(module: Any, key: jax.Array, *args: Any, **kwargs: Any) -> dict:
+    """``module.init(key, *args, **kwargs)`` of a Linen module, as one compiled program.
+
+    Run eagerly, every initialiser and every layer of the dummy forward compiles on its own
+    (about a second each on CPU); compiled whole, the unused forward is dropped. Keyword
+    arguments (``train=False``) are static."""
+    return jax.jit(functools.partial(module.init, **kwargs))(key, *args)

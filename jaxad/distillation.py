@@ -153,7 +153,7 @@ def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray]
     mean, std = target_stats(settings, backbone, projection, stats_batches, settings.stats_images)
     pdn = PDN(TEACHER_CHANNELS, settings.pdn, padded=True)
     key_init, key_train = jax.random.split(jax.random.key(settings.seed))
-    params = pdn.init(key_init, jnp.zeros((1, settings.image_size, settings.image_size, 3), jnp.float32))["params"]
+    params = compilation.init(pdn, key_init, jnp.zeros((1, settings.image_size, settings.image_size, 3), jnp.float32))["params"]
     tx = optimiser(settings.lr, settings.weight_decay)
     state = {"params": params, "opt": tx.init(params)}
 

@@ -72,3 +72,21 @@ def test_a_users_xla_flags_setting_wins():
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_compiled_init_gives_the_eager_variables_bit_for_bit():
+    """One compiled init draws the same weights and batch statistics as flax's eager init, and
+    keyword arguments such as ``train`` reach the module."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Conv(8, (3, 3))(x)
+            return nn.Dense(4)(nn.BatchNorm(use_running_average=not train)(x))
+
+    key, x = jax.random.key(5), jnp.ones((2, 8, 8, 3), jnp.float32)
+    eager, compiled = Net().init(key, x, train=False), compilation.init(Net(), key, x, train=False)
+    assert jax.tree.structure(eager) == jax.tree.structure(compiled) and "batch_stats" in compiled
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -41,7 +41,8 @@ def init_branches(config: ml_collections.ConfigDict, channels: list[int], key: j
     """(params, batch_stats) of one LRB per scale, keyed 'scale0', 'scale1', ..."""
     params, stats = {}, {}
     for i, (c, k) in enumerate(zip(channels, jax.random.split(key, len(channels)))):
-        v = local.LocalRetrievalBranch(config.lrb_width).init(k, jnp.zeros((1, 4, 4, c), jnp.float32), train=False)
+        v = compilation.init(local.LocalRetrievalBranch(config.lrb_width), k, jnp.zeros((1, 4, 4, c), jnp.float32),
+                             train=False)
         params[f"scale{i}"], stats[f"scale{i}"] = v["params"], v["batch_stats"]
     return params, stats
 

@@ -288,8 +288,8 @@ def fit_images(config: ml_collections.ConfigDict, images: np.ndarray, backbone: 
     frozen = {"teacher": teacher["params"], "teacher_mean": jnp.asarray(mean), "teacher_std": jnp.asarray(std)}
     k_student, k_ae, k_train = jax.random.split(jax.random.key(config.seed), 3)
     dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    params = {"student": student_net(config).init(k_student, dummy)["params"],
-              "ae": autoencoder().init(k_ae, dummy)["params"]}
+    params = {"student": compilation.init(student_net(config), k_student, dummy)["params"],
+              "ae": compilation.init(autoencoder(), k_ae, dummy)["params"]}
     start = time.perf_counter()
     trained, history = training.train(
         make_step(config, frozen), {"params": params, "opt": optimiser(config).init(params)},

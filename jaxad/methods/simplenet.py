@@ -136,8 +136,8 @@ def init_heads(config: ml_collections.ConfigDict, dim: int, key: jax.Array) -> t
     """Fresh (params, batch_stats) of the adaptor and the discriminator."""
     k_a, k_d = jax.random.split(key)
     x = jnp.zeros((2, dim), jnp.float32)
-    disc = Discriminator(config.hidden_dim).init(k_d, x, train=False)
-    params = {"adaptor": adaptor(dim).init(k_a, x)["params"], "discriminator": disc["params"]}
+    disc = compilation.init(Discriminator(config.hidden_dim), k_d, x, train=False)
+    params = {"adaptor": compilation.init(adaptor(dim), k_a, x)["params"], "discriminator": disc["params"]}
     return params, disc["batch_stats"]
 
 
