@@ -10,6 +10,9 @@ Categories: objects keep ``use_feb=True``; for textures pass ``--config.texture=
 Scales: the paper's stride-4 and stride-8 maps. Defects much larger than a few feature cells (the
 magnetic tile's ``uneven`` regions and frays) are better seen one stage deeper:
 ``--config.taps="('stage2','stage4')"`` (strides 8 and 16; BENCHMARKS.md, cpr-magnetic_tile-cpu).
+``aggregate`` (not in the paper) averages each backbone cell with its k×k in-image neighbours
+before every branch; it helps the untrained cascade on magnetic tile, not the trained one
+(BENCHMARKS.md, cpr-magnetic_tile-aggregate-cpu).
 
 Schedule. The paper trains 40,000 steps × 32 pairs for objects and 500 steps for textures:
 ``--config.train_steps=40000 --config.train_batch_size=32 --config.validate_every=1000``.
@@ -35,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.weights = ""  # empty: the bundled or cached weights of `backbone`; else a .pth/.safetensors path
     c.taps = ("stage1", "stage2")  # stride 4 (GRB, FEB, fine search) and stride 8
     c.windows = (3, 1)  # r×r search window per tap
+    c.aggregate = 1  # k×k in-image mean of the backbone maps before every branch (1: the paper)
     c.image_size = 320
     c.lrb_width = 16  # CPR 384, CPR-Fast 64, CPR-Faster 16
     # ablation switches

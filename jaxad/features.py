@@ -13,16 +13,19 @@ import jax
 import jax.numpy as jnp
 
 
-def local_average(x: jax.Array, size: int) -> jax.Array:
-    """k×k mean over a stride-1 window with zero padding counted (torch AvgPool2d(k, 1, k//2))."""
+def local_average(x: jax.Array, size: int, count_padding: bool = True) -> jax.Array:
+    """k×k mean over a stride-1 window with zero padding. ``count_padding``: the padding counts
+    (torch ``AvgPool2d(k, 1, k//2)``); else a border location averages only its in-image
+    neighbours, so its scale matches the interior's."""
     if size <= 1:
         return x
     pad = size // 2
-    window = (1, size, size, 1)
-    summed = jax.lax.reduce_window(
-        x, 0.0, jax.lax.add, window, (1, 1, 1, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))
-    )
-    return summed / (size * size)
+    window, strides, padding = (1, size, size, 1), (1, 1, 1, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, padding)
+    if count_padding:
+        return summed / (size * size)
+    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+    return summed / jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, padding)
 
 
 def resize_bilinear(x: jax.Array, hw: tuple[int, int]) -> jax.Array:

@@ -49,6 +49,15 @@ def test_local_average_counts_padding_like_torch():
     assert y[1, 1] == pytest.approx(1.0) and y[0, 0] == pytest.approx(4 / 9)
 
 
+def test_local_average_over_in_image_neighbours_only():
+    x = jnp.asarray(np.random.default_rng(0).random((2, 5, 6, 3)), jnp.float32)
+    y = np.asarray(features.local_average(x, 3, count_padding=False))
+    xn = np.asarray(x)
+    for i, j in [(0, 0), (0, 3), (2, 2), (4, 5)]:
+        rows, cols = slice(max(i - 1, 0), i + 2), slice(max(j - 1, 0), j + 2)
+        np.testing.assert_allclose(y[:, i, j], xn[:, rows, cols].mean((1, 2)), rtol=1e-6)
+
+
 def test_embed_concatenates_on_finest_grid():
     maps = {"a": jnp.ones((2, 8, 8, 3)), "b": jnp.ones((2, 4, 4, 5))}
     out = features.embed(maps, ("a", "b"), aggregate=1)

@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxad import metrics as jaxad_metrics
-from jaxad import compilation, parallel, postprocess, training
+from jaxad import compilation, features, parallel, postprocess, training
 from jaxad.backbones import Backbone
 from jaxad.cpr import anomalies, local
 
@@ -174,10 +174,22 @@ def batch_indices(config: ml_collections.ConfigDict, step: jax.Array, train_ids:
     return train_ids[picked]
 
 
+def cascade_maps(config: ml_collections.ConfigDict, backbone: Backbone, variables: dict,
+                 images: jax.Array) -> dict[str, jax.Array]:
+    """The backbone maps every branch of the cascade reads, float32, per tap of ``config.taps``.
+
+    ``aggregate`` > 1 replaces each location by the mean of its k×k in-image neighbours, so that a
+    cell describes its surroundings as PatchCore's do (1: the paper's raw maps; a config saved
+    without the key was fitted with 1)."""
+    k = config.get("aggregate", 1)
+    maps = backbone.apply(variables, images, tuple(config.taps))
+    return {t: features.local_average(m.astype(jnp.float32), k, count_padding=False) for t, m in maps.items()}
+
+
 def backbone_maps(config: ml_collections.ConfigDict, backbone: Backbone, variables: dict, images: jax.Array) -> list[jax.Array]:
     """Frozen backbone maps of the scales in use, float32, no gradient."""
-    maps = backbone.apply(variables, images, tuple(config.taps))
-    return [jax.lax.stop_gradient(maps[t].astype(jnp.float32)) for t in scale_taps(config)]
+    maps = cascade_maps(config, backbone, variables, images)
+    return [jax.lax.stop_gradient(maps[t]) for t in scale_taps(config)]
 
 
 def scale_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -79,8 +79,9 @@ def load_textures(folder: str, size: int, limit: int) -> np.ndarray:
 
 
 def extract(config: ml_collections.ConfigDict, backbone: Backbone, images: np.ndarray) -> list[np.ndarray]:
-    """Raw backbone maps of every image, one [N, h, w, C] array per tap of ``config.taps``."""
-    run = compilation.jit(lambda v, x: [m.astype(jnp.float32) for m in backbone.apply(v, x, tuple(config.taps)).values()])
+    """The cascade's backbone maps of every image (:func:`jaxad.cpr.train.cascade_maps`), one
+    [N, h, w, C] array per tap of ``config.taps``."""
+    run = compilation.jit(lambda v, x: list(lrb_training.cascade_maps(config, backbone, v, x).values()))
     out = [run(backbone.variables, images[i:i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
     maps = [np.concatenate([np.asarray(o[t]) for o in out]) for t in range(len(config.taps))]
     if not all(np.isfinite(m).all() for m in maps):
@@ -232,10 +233,10 @@ def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, 
 
 def _predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     size = images.shape[1:3]
-    maps = backbone.apply(state["backbone"], images, tuple(config.taps))
-    first = maps[config.taps[0]].astype(jnp.float32)
+    maps = lrb_training.cascade_maps(config, backbone, state["backbone"], images)
+    first = maps[config.taps[0]]
     neighbours = retrieve(config, state, first)
-    raw = [maps[t].astype(jnp.float32) for t in _scales(config)]
+    raw = [maps[t] for t in _scales(config)]
     if config.use_lrb:
         query = lrb_training.describe(config, state["params"], state["batch_stats"], raw)
     else:
