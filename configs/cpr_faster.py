@@ -11,8 +11,8 @@ Scales: the paper's stride-4 and stride-8 maps. Defects much larger than a few f
 magnetic tile's ``uneven`` regions and frays) are better seen one stage deeper:
 ``--config.taps="('stage2','stage4')"`` (strides 8 and 16; BENCHMARKS.md, cpr-magnetic_tile-cpu).
 ``aggregate`` (not in the paper) averages each backbone cell with its k×k in-image neighbours
-before every branch; it helps the untrained cascade on magnetic tile, not the trained one
-(BENCHMARKS.md, cpr-magnetic_tile-aggregate-cpu).
+before every branch. On magnetic tile it raises the untrained cascade's pixel AP a lot and the
+trained one's a little, at some cost in image AUROC (BENCHMARKS.md, cpr-magnetic_tile-aggregate-cpu).
 
 Schedule. The paper trains 40,000 steps × 32 pairs for objects and 500 steps for textures:
 ``--config.train_steps=40000 --config.train_batch_size=32 --config.validate_every=1000``.
