@@ -70,4 +70,4 @@ def init(module: Any, key: jax.Array, *args: Any, **kwargs: Any) -> dict:
     Run eagerly, every initialiser and every layer of the dummy forward compiles on its own
     (about a second each on CPU); compiled whole, the unused forward is dropped. Keyword
     arguments (``train=False``) are static."""
-    return jax.jit(functools.partial(module.init, **kwargs))(key, *args)
+    return jit(functools.partial(module.init, **kwargs))(key, *args)

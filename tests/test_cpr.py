@@ -6,8 +6,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxad import backbones, features
+from jaxad.config import load_config
 from jaxad.cpr import anomalies, foreground, local, retrieval
 from jaxad.cpr import train as lrb_training
+from jaxad.data import Batch
+from jaxad.methods import cpr
 from jaxad.methods.cpr import neighbour_table
 
 
@@ -230,11 +234,6 @@ def test_fit_and_predict_read_the_same_aggregated_maps():
     """With every training image a candidate reference (no GRB, self not excluded) an untrained
     cascade finds each training image in its own bank: a zero map only if fit and predict read
     the same maps. The maps are the in-image k×k means."""
-    from jaxad import backbones, features
-    from jaxad.config import load_config
-    from jaxad.data import Batch
-    from jaxad.methods import cpr
-
     config = load_config("configs/cpr_faster.py")
     config.update(image_size=64, use_lrb=False, use_grb=False, use_feb=False, exclude_self=False, blur_sigma=0.0,
                   aggregate=3, kmeans_samples=500, kmeans_restarts=1, batch_size=2)
