@@ -71,3 +71,24 @@ def init(module: Any, key: jax.Array, *args: Any, **kwargs: Any) -> dict:
     (about a second each on CPU); compiled whole, the unused forward is dropped. Keyword
     arguments (``train=False``) are static."""
     return jit(functools.partial(module.init, **kwargs))(key, *args)
+
+
+def in_fixed_batches(fn: Callable[[Any], Any], inputs: Any, batch_size: int) -> list:
+    """``fn`` over ``inputs`` (arrays, or a pytree of arrays sharing their leading axis) in
+    batches of ``batch_size``, one output per batch.
+
+    The last batch is padded with copies of its final item and the padding is cut from its
+    output, so one compiled program serves every batch: a shorter tail would compile ``fn`` again."""
+    count = len(jax.tree.leaves(inputs)[0])
+    out = []
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        chunk = jax.tree.map(lambda x: _padded(x[start:start + size], batch_size), inputs)
+        out.append(jax.tree.map(lambda r: r[:size], fn(chunk)))
+    return out
+
+
+def _padded(x: Any, size: int) -> Any:
+    """``x`` grown along its first axis to ``size`` rows by repeating its last row."""
+    lib = np if isinstance(x, np.ndarray) else jax.numpy
+    return lib.concatenate([x, lib.repeat(x[-1:], size - len(x), 0)]) if len(x) < size else x

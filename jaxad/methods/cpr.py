@@ -82,7 +82,7 @@ def extract(config: ml_collections.ConfigDict, backbone: Backbone, images: np.nd
     """The cascade's backbone maps of every image (:func:`jaxad.cpr.train.cascade_maps`), one
     [N, h, w, C] array per tap of ``config.taps``."""
     run = compilation.jit(lambda v, x: list(lrb_training.cascade_maps(config, backbone, v, x).values()))
-    out = [run(backbone.variables, images[i:i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
+    out = compilation.in_fixed_batches(partial(run, backbone.variables), images, config.batch_size)
     maps = [np.concatenate([np.asarray(o[t]) for o in out]) for t in range(len(config.taps))]
     if not all(np.isfinite(m).all() for m in maps):
         raise NumericsError("non-finite features from the backbone on the training images; check them")
@@ -139,8 +139,7 @@ def _bank(config: ml_collections.ConfigDict, raw: list[np.ndarray], params: dict
         run = compilation.jit(lambda maps: [local.normalise(m) for m in maps])
     else:
         run = compilation.jit(lambda maps: lrb_training.describe(config, params, stats, maps))
-    n, size = len(raw[0]), config.batch_size
-    chunks = [run([jnp.asarray(m[i:i + size]) for m in raw]) for i in range(0, n, size)]
+    chunks = compilation.in_fixed_batches(run, raw, config.batch_size)
     return {f"scale{s}": jnp.concatenate([c[s] for c in chunks]) for s in range(len(raw))}
 
 

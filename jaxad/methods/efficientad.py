@@ -189,23 +189,12 @@ def teacher_for(config: ml_collections.ConfigDict, backbone: Backbone, images: n
     return teacher, source
 
 
-def batched(fn: Callable, images: np.ndarray, batch_size: int) -> list:
-    """``fn`` over ``images`` in fixed-size batches (the last one padded, padding dropped)."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        pad = np.repeat(chunk[-1:], batch_size - len(chunk), 0)
-        result = jax.device_get(fn(np.concatenate([chunk, pad])))
-        out.append(jax.tree.map(lambda r: r[: len(chunk)], result))
-    return out
-
-
 def teacher_stats(config: ml_collections.ConfigDict, params: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and population std of the teacher's outputs on unaugmented images."""
     run = compilation.jit(lambda x: teacher_net(config).apply({"params": params}, imagenet_normalise(x)))
     s1 = s2 = 0.0
     n = 0
-    for f in batched(run, images, config.batch_size):
+    for f in compilation.in_fixed_batches(run, images, config.batch_size):
         f = np.asarray(f, np.float64).reshape(-1, CHANNELS)  # float64 sums: no cancellation in E[x²] − E[x]²
         s1, s2, n = s1 + f.sum(0), s2 + (f * f).sum(0), n + len(f)
     mean = s1 / n
@@ -266,7 +255,7 @@ def train_batches(config: ml_collections.ConfigDict, images: np.ndarray) -> Iter
 def validation_quantiles(config: ml_collections.ConfigDict, state: dict, images: np.ndarray) -> dict:
     """q_a and q_b of map_ST and map_AE over every pixel of the validation maps."""
     run = compilation.jit(lambda x: raw_maps(*outputs(config, state, x)))
-    parts = batched(run, images, config.batch_size)
+    parts = compilation.in_fixed_batches(run, images, config.batch_size)
     qs = (config.q_a, config.q_b)
     st = np.quantile(np.concatenate([p[0] for p in parts]), qs)
     ae = np.quantile(np.concatenate([p[1] for p in parts]), qs)

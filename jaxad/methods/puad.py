@@ -89,11 +89,11 @@ def fit(
     images = training.collect_images(batches, progress)
     state, train_idx, val_idx = efficientad.fit_images(config, images, backbone)
     pool = compilation.jit(lambda x: pooled_features(config, *efficientad.outputs(config, state, x)[:2]))
-    f = np.concatenate(efficientad.batched(pool, images[train_idx], config.batch_size))
+    f = np.concatenate(compilation.in_fixed_batches(pool, images[train_idx], config.batch_size))
     cov, _ = ledoit_wolf(f)
     state = {**state, "gauss_mean": jnp.asarray(f.mean(0), jnp.float32),
              "precision": jnp.asarray(np.linalg.pinv(cov, hermitian=True), jnp.float32)}
     run = compilation.jit(lambda x: scores(config, state, x)[:2])
-    parts = efficientad.batched(run, images[val_idx], config.batch_size)
+    parts = compilation.in_fixed_batches(run, images[val_idx], config.batch_size)
     effad, maha = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
     return {**state, "z_effad": z_stats(effad), "z_maha": z_stats(maha)}
