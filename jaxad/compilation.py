@@ -9,6 +9,9 @@ reductions. Section backbones-cpu of BENCHMARKS.md times every backbone both way
 The option applies to jaxad's own compiled programs, not to the process. Where a CPU runs
 YNNPACK's products faster, set the option in ``XLA_FLAGS``: jaxad then leaves it to that setting.
 On GPU/TPU, or with an XLA that does not know the option, programs compile with XLA's defaults.
+
+Beside it: :func:`init` (a Linen init as one program) and :func:`in_fixed_batches` (one program
+for every batch of a loop, the tail padded), which save compilations on any backend.
 """
 
 from __future__ import annotations
