@@ -182,9 +182,31 @@ def write_section(path: Path, name: str, body: str) -> None:
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery section below is written by `scripts/bench.py`; rerun the command it shows to reproduce it.\n"
     block = f"<!-- begin {name} -->\n{body.rstrip()}\n<!-- end {name} -->"
-    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S)
+    pattern = _section_pattern(name)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def _section_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"<!-- begin {re.escape(name)} -->\n?(.*?)\n?<!-- end {re.escape(name)} -->", re.S)
+
+
+def import_section(source: Path, target: Path, name: str) -> None:
+    """Copy section ``name`` of the markdown file ``source`` into ``target`` (replacing its own),
+    with the plots folder ``benchmarks/NAME`` beside ``source``: how sections measured on another
+    machine (a GPU, a TPU VM) join this machine's BENCHMARKS.md unchanged."""
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise ConfigError(f"{source}: no such file to import benchmark sections from")
+    found = _section_pattern(name).search(source.read_text())
+    if found is None:
+        raise ConfigError(f"{source}: has no section {name!r}")
+    plots = source.parent / "benchmarks" / name
+    dest = target.parent / "benchmarks" / name
+    if plots.is_dir() and plots.resolve() != dest.resolve():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(plots, dest)
+    write_section(target, name, found.group(1))
 
 
 def _per_defect_table(rows: list[dict[str, Any]], key: str, value: Callable[[Any], float], title: str) -> list[str]:

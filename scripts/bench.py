@@ -5,6 +5,7 @@
     python scripts/bench.py --distances [--max-n 10000000] [--section NAME]
     python scripts/bench.py --coreset [--coreset-budget 300] [--section NAME]
     python scripts/bench.py --backbones [--per-tap] [--backbone NAME ...] [--no-compile] [--section NAME]
+    python scripts/bench.py --import-from OTHER/BENCHMARKS.md --section NAME [--out BENCHMARKS.md]
 
 --distances times CRD against exact and 1%-coreset nearest neighbour on synthetic features for
 d in {152, 1536} and growing bank sizes, with a log-log plot beside --out. --coreset times the
@@ -18,6 +19,9 @@ every method's default config and every variant (a METHOD/ prefix limits a varia
 method); the table (accuracy, fit time, predict latency at batch 1 and throughput at batch 16,
 state size) replaces the section NAME of --out. Without --data-root: ../shared/data when
 present, else the synthetic set (also chosen by --data-root synthetic).
+
+--import-from copies section NAME of a BENCHMARKS.md written on another machine (a GPU, a TPU VM),
+with the plots folder benchmarks/NAME beside it, into --out as it is.
 """
 
 from __future__ import annotations
@@ -58,8 +62,16 @@ def main() -> int:
     parser.add_argument("--backbone", action="append", help="with --backbones: only this one (repeatable)")
     parser.add_argument("--per-tap", action="store_true",
                         help="with --backbones: time batch-1 forwards to each tap in turn (time per stage)")
+    parser.add_argument("--import-from", type=Path,
+                        help="copy --section from this BENCHMARKS.md (written on another machine) into --out")
     args = parser.parse_args()
     command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.import_from:
+        if not args.section:
+            raise SystemExit("--import-from needs --section NAME: the section to copy")
+        benchmark.import_section(args.import_from, args.out, args.section)
+        print(f"imported section {args.section!r} of {args.import_from} into {args.out}")
+        return 0
     if args.distances:
         return distances(args, command)
     if args.coreset:

@@ -92,3 +92,28 @@ def test_few_shot_sweep_writes_table_and_curve(tmp_path, capsys):
     text = out.read_text()
     assert re.search(r"\| gear \| crd \| 2 \| [01]\.\d{4} \|", text) and re.search(r"\| gear \| crd \| 6 \| [01]\.\d{4} \|", text)
     assert (tmp_path / "benchmarks" / "fs" / "gear_image_auroc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_section_written_elsewhere_is_imported_with_its_plots(tmp_path, capsys):
+    """A section (and its plots folder) from another BENCHMARKS.md replaces the same-named section
+    here and leaves the others alone; a missing section is a one-line error."""
+    remote, here = tmp_path / "remote" / "BENCHMARKS.md", tmp_path / "here" / "BENCHMARKS.md"
+    remote.parent.mkdir()
+    here.parent.mkdir()
+    benchmark.write_section(remote, "speed-gpu", "## speed on a GPU\n\n| a |\n|---|\n| 1 |")
+    benchmark.write_section(remote, "other", "## not asked for")
+    (remote.parent / "benchmarks" / "speed-gpu").mkdir(parents=True)
+    (remote.parent / "benchmarks" / "speed-gpu" / "roc.png").write_bytes(b"png")
+    benchmark.write_section(here, "mine", "## kept")
+    benchmark.write_section(here, "speed-gpu", "## stale")
+
+    args = ("--import-from", remote, "--out", here)
+    assert run_script("bench.py", *args, "--section", "speed-gpu", capsys=capsys)[0] == 0
+    text = here.read_text()
+    assert "## kept" in text and "## stale" not in text and "not asked for" not in text
+    assert text.count("<!-- begin speed-gpu -->") == 1 and text.count("<!-- end speed-gpu -->") == 1
+    assert "<!-- begin speed-gpu -->\n## speed on a GPU\n\n| a |\n|---|\n| 1 |\n<!-- end speed-gpu -->" in text
+    assert (here.parent / "benchmarks" / "speed-gpu" / "roc.png").read_bytes() == b"png"
+
+    code, _, err = run_script("bench.py", *args, "--section", "nope", capsys=capsys)
+    assert code != 0 and f"{remote}: has no section 'nope'" in err
