@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxad.config import completed
 from jaxad.errors import ConfigError
 
 MARKER = "jaxad_run.json"
@@ -68,7 +69,8 @@ def save(workdir: Path, config: ml_collections.ConfigDict, state: Any) -> None:
 
 
 def load(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
-    """Read back what :func:`save` wrote; arrays come back as numpy."""
+    """Read back what :func:`save` wrote; arrays come back as numpy. A config saved before a key
+    was added is completed with the value it was fitted with (:func:`jaxad.config.completed`)."""
     workdir = Path(workdir).expanduser().resolve()
     if not (workdir / "config.json").is_file() or not (workdir / "state").is_dir():
         fitted = fitted_runs(workdir)
@@ -77,7 +79,7 @@ def load(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
                               f"pass one of them, e.g. {fitted[0]}")
         raise ConfigError(f"{workdir}: no fitted model here (config.json and state/ missing); run scripts/fit.py first")
     raw = json.loads((workdir / "config.json").read_text())
-    return ml_collections.ConfigDict(_tuples(raw)), load_arrays(workdir / "state")
+    return completed(ml_collections.ConfigDict(_tuples(raw))), load_arrays(workdir / "state")
 
 
 def _tuples(node: Any) -> Any:

@@ -85,13 +85,7 @@ def in_fixed_batches(fn: Callable[[Any], Any], inputs: Any, batch_size: int) -> 
     count = len(jax.tree.leaves(inputs)[0])
     out = []
     for start in range(0, count, batch_size):
-        size = min(batch_size, count - start)
-        chunk = jax.tree.map(lambda x: _padded(x[start:start + size], batch_size), inputs)
-        out.append(jax.tree.map(lambda r: r[:size], fn(chunk)))
+        rows = np.minimum(np.arange(start, start + batch_size), count - 1)  # the tail repeats the last item
+        result = fn(jax.tree.map(lambda x: x[rows], inputs))
+        out.append(jax.tree.map(lambda r: r[:min(batch_size, count - start)], result))
     return out
-
-
-def _padded(x: Any, size: int) -> Any:
-    """``x`` grown along its first axis to ``size`` rows by repeating its last row."""
-    lib = np if isinstance(x, np.ndarray) else jax.numpy
-    return lib.concatenate([x, lib.repeat(x[-1:], size - len(x), 0)]) if len(x) < size else x

@@ -19,7 +19,22 @@ from jaxad.errors import ConfigError
 # Keys the pipeline reads for every method, added to a config that does not set them.
 PIPELINE_DEFAULTS = {
     "train_images": 0,  # > 0: fit on that many training images drawn at random (few-shot); 0: all
+    "seed": 0,  # of that draw (and of a method's own random choices)
+    "compute_dtype": "float32",  # or "bfloat16": backbone compute only
 }
+# Keys a method's config gained after models were saved with it, at the value those models were
+# fitted with: a saved config that lacks one is read with it.
+ADDED_KEYS = {
+    "cpr": {"aggregate": 1},
+}
+
+
+def completed(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with the keys of :data:`PIPELINE_DEFAULTS` and :data:`ADDED_KEYS` it lacks, in place."""
+    for key, value in {**PIPELINE_DEFAULTS, **ADDED_KEYS.get(config.get("method"), {})}.items():
+        if key not in config:
+            config[key] = value
+    return config
 
 
 def method_configs(config_dir: Path) -> list[str]:
@@ -47,11 +62,7 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: a config file must define get_config()")
-    config = module.get_config()
-    for key, value in PIPELINE_DEFAULTS.items():
-        if key not in config:
-            config[key] = value
-    return config
+    return completed(module.get_config())
 
 
 def _parse(raw: str, current: object, key: str) -> object:

@@ -50,9 +50,9 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_backbone(config: ml_collections.ConfigDict) -> backbones.Backbone:
-    """The config's backbone and weights, computing in ``compute_dtype`` (default float32), holding
+    """The config's backbone and weights, computing in ``compute_dtype``, holding
     only the layers up to the deepest tap the method reads."""
-    name = config.get("compute_dtype", "float32")
+    name = config.compute_dtype
     if name not in COMPUTE_DTYPES:
         raise ConfigError(f"--config.compute_dtype={name}: choose one of {', '.join(COMPUTE_DTYPES)}")
     return backbones.load(config.backbone, config.weights or None, dtype=COMPUTE_DTYPES[name],
@@ -138,7 +138,7 @@ def subsample_train(dataset: Dataset, count: int, seed: int) -> Dataset:
 def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Path, backbone: backbones.Backbone) -> dict:
     """Fit, save and (when there is a test split) evaluate one category into ``workdir``."""
     workdir = checkpoint.prepare_workdir(workdir)
-    dataset = subsample_train(open_dataset(category), config.get("train_images", 0), config.get("seed", 0))
+    dataset = subsample_train(open_dataset(category), config.train_images, config.seed)
     config = ml_collections.ConfigDict(config.to_dict())
     config.data = str(Path(category).resolve())
     config.workdir = str(workdir.resolve())  # trained methods keep resumable checkpoints in workdir/train

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from jaxad import features, pipeline, postprocess
+from jaxad import checkpoint, features, pipeline, postprocess
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.errors import ConfigError
 
@@ -20,6 +20,19 @@ def test_overrides_keep_types():
     assert c.lam == 3.0 and isinstance(c.lam, float)
     assert c.taps == ("stage1", "stage2")
     assert c.lam_mode == "trace" and c.aggregate == 1
+
+
+def test_a_config_saved_before_a_key_existed_loads_with_the_value_it_was_fitted_with(tmp_path):
+    """A CPR model saved before ``aggregate``, ``compute_dtype``, ``train_images`` and ``seed``
+    existed reads them as 1 / float32 / 0 / 0; keys it has stay as saved."""
+    saved = load_config(config_path("cpr_fast", CONFIGS))
+    for key in ("aggregate", "compute_dtype", "train_images", "seed"):
+        del saved[key]
+    saved.lrb_width = 7
+    checkpoint.save(tmp_path, saved, {"x": np.zeros(2, np.float32)})
+    config, _ = checkpoint.load(tmp_path)
+    assert (config.aggregate, config.compute_dtype, config.train_images, config.seed) == (1, "float32", 0, 0)
+    assert config.lrb_width == 7
 
 
 @pytest.mark.parametrize(

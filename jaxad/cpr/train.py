@@ -179,11 +179,10 @@ def cascade_maps(config: ml_collections.ConfigDict, backbone: Backbone, variable
     """The backbone maps every branch of the cascade reads, float32, per tap of ``config.taps``.
 
     ``aggregate`` > 1 replaces each location by the mean of its k×k in-image neighbours, so that a
-    cell describes its surroundings as PatchCore's do (1: the paper's raw maps; a config saved
-    without the key was fitted with 1)."""
-    k = config.get("aggregate", 1)
+    cell describes its surroundings as PatchCore's do (1: the paper's raw maps)."""
     maps = backbone.apply(variables, images, tuple(config.taps))
-    return {t: features.local_average(m.astype(jnp.float32), k, count_padding=False) for t, m in maps.items()}
+    return {t: features.local_average(m.astype(jnp.float32), config.aggregate, count_padding=False)
+            for t, m in maps.items()}
 
 
 def backbone_maps(config: ml_collections.ConfigDict, backbone: Backbone, variables: dict, images: jax.Array) -> list[jax.Array]:
