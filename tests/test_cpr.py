@@ -1,5 +1,7 @@
 """CPR building blocks against independent numpy references (and torch's grid_sample)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -234,7 +236,7 @@ def test_fit_and_predict_read_the_same_aggregated_maps():
     """With every training image a candidate reference (no GRB, self not excluded) an untrained
     cascade finds each training image in its own bank: a zero map only if fit and predict read
     the same maps. The maps are the in-image k×k means."""
-    config = load_config("configs/cpr_faster.py")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "cpr_faster.py")
     config.update(image_size=64, use_lrb=False, use_grb=False, use_feb=False, exclude_self=False, blur_sigma=0.0,
                   aggregate=3, kmeans_samples=500, kmeans_restarts=1, batch_size=2)
     backbone = backbones.load(config.backbone)
