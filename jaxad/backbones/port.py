@@ -1,8 +1,8 @@
 """Torch state dict → Flax variables: the layout rules every port shares.
 
 An architecture supplies only its key map (torch module prefix → Flax module path and layer
-kind); the rules below move each tensor, and every problem is reported at once so a wrong file is
-diagnosed in one run.
+kind); the rules below move each tensor, and every problem is counted in one error so a wrong file
+is diagnosed in one run.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ def _nest(leaves: Mapping[tuple[str, ...], np.ndarray]) -> dict:
     return tree
 
 
+_NAMED = 5  # keys named per kind of problem; a file of another network has hundreds
+
+
+def _listed(label: str, keys: list[str]) -> str:
+    """'12 missing: a, b, c, d, e and 7 more'."""
+    rest = f" and {len(keys) - _NAMED} more" if len(keys) > _NAMED else ""
+    return f"{len(keys)} {label}: {', '.join(keys[:_NAMED])}{rest}"
+
+
 def convert(
     state: Mapping[str, np.ndarray],
     target: Mapping[str, Any],
@@ -69,7 +78,8 @@ def convert(
 ) -> dict:
     """Flax variables shaped like ``target`` (e.g. ``jax.eval_shape`` of ``init``) from ``state``.
 
-    Raises one WeightsError listing every missing, unexpected and mis-shaped key.
+    Raises one WeightsError that counts the missing, unexpected and mis-shaped keys, names the
+    first few of each, and says how many of the tensors the architecture needs were found.
     """
     wanted = _leaves(target)
     routes = {}  # torch key → (Flax leaf path, layout change)
@@ -94,7 +104,7 @@ def convert(
     unexpected = [k for k in state if k not in routes and not ignore(k)]
     if missing or unexpected or misshaped:
         found = {"missing": missing, "unexpected": unexpected, "mis-shaped": misshaped}
-        problems = [f"{label}: {', '.join(keys)}" for label, keys in found.items() if keys]
-        listed = "; ".join(problems)
-        raise WeightsError(f"{source}: weights do not fit the architecture ({listed}); pass weights of this backbone")
+        listed = "; ".join(_listed(label, keys) for label, keys in found.items() if keys)
+        raise WeightsError(f"{source}: weights do not fit the architecture, {len(out)} of the {len(wanted)} tensors "
+                           f"it needs found ({listed}); pass weights of this backbone")
     return _nest(out)
