@@ -35,6 +35,9 @@ from jaxad.errors import ConfigError, DataError, NumericsError
 
 FOREGROUND_CLASSIFIERS = ("lda", "logistic")
 SELECT = ("best", "last")
+# config keys that count something and are meaningless below 1
+COUNTS = ("top_k", "clusters", "blocks", "kmeans_samples", "top_pixels", "pairs_per_type", "train_batch_size",
+          "val_refs", "search_chunk", "batch_size")
 
 
 # ---------------------------------------------------------------- checks and helpers
@@ -48,6 +51,11 @@ def _check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
         raise ConfigError(f"--config.windows={config.windows}: one window size per tap of {config.taps}")
     if any(r < 1 or r % 2 == 0 for r in config.windows):
         raise ConfigError(f"--config.windows={config.windows}: window sizes must be odd and positive")
+    if config.aggregate < 1 or config.aggregate % 2 == 0:
+        raise ConfigError(f"--config.aggregate={config.aggregate}: must be odd and positive (1: no aggregation)")
+    for key in COUNTS:
+        if config[key] < 1:
+            raise ConfigError(f"--config.{key}={config[key]}: must be at least 1")
     if config.foreground_classifier not in FOREGROUND_CLASSIFIERS:
         raise ConfigError(f"--config.foreground_classifier={config.foreground_classifier}: choose one of "
                           f"{', '.join(FOREGROUND_CLASSIFIERS)}")
