@@ -37,6 +37,26 @@ def completed(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def require_at_least(config: ml_collections.ConfigDict, minimum: float, *keys: str) -> None:
+    """A ConfigError naming the first of ``keys`` whose value is below ``minimum`` (counts, sizes,
+    steps), so a bad number fails before any work with the key it came from."""
+    for key in keys:
+        if not config[key] >= minimum:
+            raise ConfigError(f"--config.{key}={config[key]}: must be at least {minimum}")
+
+
+def require_between(config: ml_collections.ConfigDict, key: str, low: float, high: float, *,
+                    low_closed: bool = False, high_closed: bool = False) -> None:
+    """A ConfigError unless config[key] lies in the interval (open ends unless closed): rates,
+    fractions, ratios, quantiles. NaN lies in none."""
+    value = config[key]
+    above = value >= low if low_closed else value > low
+    below = value <= high if high_closed else value < high
+    if not (above and below):
+        interval = f"{'[' if low_closed else '('}{low}, {high}{']' if high_closed else ')'}"
+        raise ConfigError(f"--config.{key}={value}: must be in {interval}")
+
+
 def method_configs(config_dir: Path) -> list[str]:
     """Names of the configs in ``config_dir`` that configure a method (they set ``method``), sorted."""
     files = sorted(p for p in Path(config_dir).glob("*.py") if not p.stem.startswith("_"))

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxad import backbones, checkpoint, compilation, methods, metrics, report
+from jaxad.config import require_at_least
 from jaxad.data import Dataset, find_categories, image_files, iterate_batches, open_dataset, read_image, resize_image
 from jaxad.errors import ConfigError
 
@@ -35,11 +36,15 @@ def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def check_shared_settings(config: ml_collections.ConfigDict) -> None:
-    """ConfigError for a batch or image size no method can run with (each method checks its own keys)."""
+    """ConfigError for a setting several methods share that none can run with: a batch or image
+    size, an even or empty aggregation window, a negative blur (each method checks its own keys)."""
     if config.batch_size < 1:
         raise ConfigError(f"--config.batch_size={config.batch_size}: must be at least 1")
     if min(image_size(config)) < 1:
         raise ConfigError(f"--config.image_size={config.image_size}: must be at least 1 pixel")
+    if "aggregate" in config and (config.aggregate < 1 or config.aggregate % 2 == 0):
+        raise ConfigError(f"--config.aggregate={config.aggregate}: must be odd and positive (1: no aggregation)")
+    require_at_least(config, 0, *[k for k in ("blur_sigma", "num_overlays") if k in config])
 
 
 def _progress(desc: str, total: int) -> tqdm:

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from test_pipeline import run_cli, run_script
+from test_pipeline import run_cli
 from jaxad import backbones, checkpoint
 from jaxad.config import load_config
 from jaxad.data import iterate_batches, open_dataset, synthetic
@@ -112,13 +112,3 @@ def test_variants_differ_only_in_width():
     assert {m: c.lrb_width for m, c in widths.items()} == {"cpr": 384, "cpr_fast": 64, "cpr_faster": 16}
     assert all(c.method == "cpr" for c in widths.values())
 
-
-@pytest.mark.parametrize("override, named", [
-    ("--config.top_k=0", "--config.top_k=0: must be at least 1"),
-    ("--config.top_pixels=-5", "--config.top_pixels=-5: must be at least 1"),
-    ("--config.aggregate=2", "--config.aggregate=2: must be odd and positive"),
-])
-def test_a_count_below_one_is_refused_by_name(category, tmp_path, capsys, override, named):
-    code, _, err = run_script("fit.py", "--method", "cpr_faster", "--data", category, "--workdir", tmp_path / "w",
-                              *SMALL, "--config.use_lrb=false", override, capsys=capsys)
-    assert code != 0 and named in err and "Traceback" not in err

@@ -222,11 +222,26 @@ def test_bfloat16_backbone_compute_runs_and_a_bad_dtype_is_one_line(category, tm
     assert code == 2 and "compute_dtype=float16" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("override, message", [("--config.batch_size=0", "batch_size=0: must be at least 1"),
-                                               ("--config.image_size=0", "image_size=0: must be at least 1 pixel")])
-def test_sizes_no_method_can_run_with_are_config_errors(category, tmp_path, capsys, override, message):
-    code, _, err = run_script("fit.py", "--method", "crd", "--data", category, "--workdir", tmp_path / "w", override,
-                              capsys=capsys)
+@pytest.mark.parametrize("method, override, message", [
+    ("crd", "--config.batch_size=0", "batch_size=0: must be at least 1"),
+    ("crd", "--config.image_size=0", "image_size=0: must be at least 1 pixel"),
+    ("crd", "--config.aggregate=4", "aggregate=4: must be odd and positive"),
+    ("crd", "--config.blur_sigma=-1.0", "blur_sigma=-1.0: must be at least 0"),
+    ("crd", "--config.lam=-1.0", "lam=-1.0: must be in (0.0, inf)"),
+    ("crd", "--config.lam_mode=relative", "lam_mode=relative: choose one of absolute"),
+    ("patchcore", "--config.coreset_ratio=0.0", "coreset_ratio=0.0: must be in (0.0, 1.0]"),
+    ("patchcore", "--config.num_neighbours=0", "num_neighbours=0: must be at least 1"),
+    ("padim", "--config.reg=-0.1", "reg=-0.1: must be at least 0"),
+    ("simplenet", "--config.dsc_lr=0.0", "dsc_lr=0.0: must be in (0.0, inf)"),
+    ("paap", "--config.ridge=-1.0", "ridge=-1.0: must be at least 0"),
+    ("efficientad", "--config.q_a=0.999", "q_a=0.999 / q_b=0.995: q_a must be below q_b"),
+    ("puad", "--config.log_every=0", "log_every=0: must be at least 1"),
+    ("cpr_faster", "--config.top_k=0", "top_k=0: must be at least 1"),
+    ("cpr_faster", "--config.val_fraction=1.0", "val_fraction=1.0: must be in [0.0, 1.0)"),
+])
+def test_a_setting_out_of_range_is_refused_by_name(category, tmp_path, capsys, method, override, message):
+    code, _, err = run_script("fit.py", "--method", method, "--data", category, "--workdir", tmp_path / "w", *SMALL,
+                              override, capsys=capsys)
     assert code != 0 and message in err and "Traceback" not in err
 
 

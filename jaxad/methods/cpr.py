@@ -16,6 +16,7 @@ with ``use_lrb`` the branches' ``params``/``batch_stats`` and ``validation``, wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from jaxad import compilation, parallel, postprocess, training
 from jaxad.backbones import Backbone
+from jaxad.config import require_at_least, require_between
 from jaxad.cpr import anomalies, foreground, local, retrieval
 from jaxad.cpr import train as lrb_training
 from jaxad.data import Batch, read_image, resize_image
@@ -37,7 +39,7 @@ FOREGROUND_CLASSIFIERS = ("lda", "logistic")
 SELECT = ("best", "last")
 # config keys that count something and are meaningless below 1
 COUNTS = ("top_k", "clusters", "blocks", "kmeans_samples", "top_pixels", "pairs_per_type", "train_batch_size",
-          "val_refs", "search_chunk", "batch_size")
+          "val_refs", "search_chunk", "checkpoint_every")
 
 
 # ---------------------------------------------------------------- checks and helpers
@@ -51,11 +53,9 @@ def _check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
         raise ConfigError(f"--config.windows={config.windows}: one window size per tap of {config.taps}")
     if any(r < 1 or r % 2 == 0 for r in config.windows):
         raise ConfigError(f"--config.windows={config.windows}: window sizes must be odd and positive")
-    if config.aggregate < 1 or config.aggregate % 2 == 0:
-        raise ConfigError(f"--config.aggregate={config.aggregate}: must be odd and positive (1: no aggregation)")
-    for key in COUNTS:
-        if config[key] < 1:
-            raise ConfigError(f"--config.{key}={config[key]}: must be at least 1")
+    require_at_least(config, 1, *COUNTS)
+    require_between(config, "learning_rate", 0.0, math.inf)
+    require_between(config, "val_fraction", 0.0, 1.0, low_closed=True)
     if config.foreground_classifier not in FOREGROUND_CLASSIFIERS:
         raise ConfigError(f"--config.foreground_classifier={config.foreground_classifier}: choose one of "
                           f"{', '.join(FOREGROUND_CLASSIFIERS)}")

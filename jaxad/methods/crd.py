@@ -7,6 +7,7 @@ time the backbone's variables travel in ``state['backbone']``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import jax
@@ -16,9 +17,10 @@ import numpy as np
 
 from jaxad import compilation, features, parallel, postprocess
 from jaxad.backbones import Backbone
+from jaxad.config import require_between
 from jaxad.data import Batch
 from jaxad.distances import crd
-from jaxad.errors import NumericsError
+from jaxad.errors import ConfigError, NumericsError
 
 
 def patch_features(config: ml_collections.ConfigDict, backbone: Backbone, variables, images: jax.Array) -> jax.Array:
@@ -46,6 +48,9 @@ def fit(
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Accumulate G = Σ f fᵀ over every training patch (sharded over ``mesh``), then M."""
+    if config.lam_mode not in crd.LAM_MODES:
+        raise ConfigError(f"--config.lam_mode={config.lam_mode}: choose one of {', '.join(crd.LAM_MODES)}")
+    require_between(config, "lam", 0.0, math.inf)  # λ ≤ 0 leaves G + λI singular or indefinite
     mesh = parallel.batch_mesh() if mesh is None else mesh
     step = _gram_step(config, backbone, mesh)
     variables = parallel.replicate(backbone.variables, mesh)

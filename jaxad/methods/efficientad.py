@@ -24,6 +24,7 @@ State: ``{'teacher', 'student', 'ae': params, 'teacher_mean', 'teacher_std': [38
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ import optax
 
 from jaxad import compilation, distillation, parallel, postprocess, training
 from jaxad.backbones import Backbone
+from jaxad.config import require_at_least, require_between
 from jaxad.data import Batch, image_files
 from jaxad.errors import ConfigError
 from jaxad.nets import PDN, Autoencoder, imagenet_normalise
@@ -161,8 +163,13 @@ def _check(config: ml_collections.ConfigDict) -> None:
     size = config.image_size
     if not isinstance(size, int) or size < 64 or size % 32:
         raise ConfigError(f"--config.image_size={size}: EfficientAD needs a square size, a multiple of 32, ≥ 64")
-    if config.train_steps < 1 or not 0 < config.val_fraction < 1:
-        raise ConfigError("--config.train_steps must be ≥ 1 and --config.val_fraction in (0, 1)")
+    require_at_least(config, 1, "train_steps", "train_batch_size", "teacher_steps", "teacher_batch_size",
+                     "checkpoint_every", "log_every")
+    require_between(config, "lr", 0.0, math.inf)
+    for key in ("val_fraction", "hard_quantile", "q_a", "q_b"):
+        require_between(config, key, 0.0, 1.0)
+    if config.q_a >= config.q_b:
+        raise ConfigError(f"--config.q_a={config.q_a} / q_b={config.q_b}: q_a must be below q_b")
 
 
 def teacher_for(config: ml_collections.ConfigDict, backbone: Backbone, images: np.ndarray,

@@ -48,6 +48,7 @@ from jax.scipy.linalg import solve_triangular
 
 from jaxad import compilation, features, matching, postprocess
 from jaxad.backbones import Backbone
+from jaxad.config import require_at_least
 from jaxad.data import Batch
 from jaxad.distances import mahalanobis as gaussian
 from jaxad.errors import ConfigError, NumericsError
@@ -115,6 +116,8 @@ def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
     if config.group_size < 1 or config.min_group_size < 1:
         raise ConfigError(f"--config.group_size={config.group_size} and --config.min_group_size={config.min_group_size} "
                           "must be ≥ 1")
+    require_at_least(config, 1, "match_chunk")
+    require_at_least(config, 0, "ridge", "feature_sigma")
     if config.patch_size < 1 or config.patch_size % 2 == 0 or config.num_channels < 1:
         raise ConfigError(f"--config.patch_size={config.patch_size} must be odd and ≥ 1, "
                           f"--config.num_channels={config.num_channels} ≥ 1")

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxad import compilation, features, parallel, postprocess
 from jaxad.backbones import Backbone
+from jaxad.config import require_at_least
 from jaxad.data import Batch
 from jaxad.distances import mahalanobis
 from jaxad.errors import ConfigError, NumericsError
@@ -53,6 +54,7 @@ def fit(
 ) -> dict:
     """One pass: per-location moments about the first batch's mean, then mean and Cholesky factor."""
     mesh = parallel.batch_mesh() if mesh is None else mesh
+    require_at_least(config, 0, "reg")
     channels = channel_subset(config, backbone)
     extract = compilation.jit(lambda v, x, c: patch_features(config, backbone, v, x, c))
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxad import compilation, postprocess, sampling
 from jaxad.backbones import Backbone
+from jaxad.config import require_at_least, require_between
 from jaxad.data import Batch
 from jaxad.distances import knn
 from jaxad.errors import ConfigError, NumericsError
@@ -34,6 +35,8 @@ def fit(
     """Collect every training patch feature, then keep a greedy coreset of ``coreset_ratio`` of them."""
     if config.score not in SCORES:
         raise ConfigError(f"--config.score={config.score}: choose one of {', '.join(SCORES)}")
+    require_between(config, "coreset_ratio", 0.0, 1.0, high_closed=True)
+    require_at_least(config, 1, "num_neighbours", "projection_dim", "chunk_size")
     extract = compilation.jit(lambda v, x: patch_features(config, backbone, v, x))
     patches = []
     for batch in batches:
