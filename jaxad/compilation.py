@@ -87,5 +87,6 @@ def in_fixed_batches(fn: Callable[[Any], Any], inputs: Any, batch_size: int) -> 
     for start in range(0, count, batch_size):
         rows = np.minimum(np.arange(start, start + batch_size), count - 1)  # the tail repeats the last item
         result = fn(jax.tree.map(lambda x: x[rows], inputs))
-        out.append(jax.tree.map(lambda r: r[:min(batch_size, count - start)], result))
+        real = count - start
+        out.append(jax.tree.map(lambda r: r[:real], result) if real < batch_size else result)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def require_between(config: ml_collections.ConfigDict, key: str, low: float, hig
     if not (above and below):
         interval = f"{'[' if low_closed else '('}{low}, {high}{']' if high_closed else ')'}"
         raise ConfigError(f"--config.{key}={value}: must be in {interval}")
+
+
+def require_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
+    """A ConfigError naming the first of ``keys`` that is not above 0 (learning rates, λ)."""
+    for key in keys:
+        require_between(config, key, 0.0, math.inf)
 
 
 def method_configs(config_dir: Path) -> list[str]:

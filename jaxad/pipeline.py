@@ -38,8 +38,7 @@ def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def check_shared_settings(config: ml_collections.ConfigDict) -> None:
     """ConfigError for a setting several methods share that none can run with: a batch or image
     size, an even or empty aggregation window, a negative blur (each method checks its own keys)."""
-    if config.batch_size < 1:
-        raise ConfigError(f"--config.batch_size={config.batch_size}: must be at least 1")
+    require_at_least(config, 1, "batch_size")
     if min(image_size(config)) < 1:
         raise ConfigError(f"--config.image_size={config.image_size}: must be at least 1 pixel")
     if "aggregate" in config and (config.aggregate < 1 or config.aggregate % 2 == 0):

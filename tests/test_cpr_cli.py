@@ -111,4 +111,3 @@ def test_variants_differ_only_in_width():
     widths = {m: load_config(ROOT / "configs" / f"{m}.py") for m in ("cpr", "cpr_fast", "cpr_faster")}
     assert {m: c.lrb_width for m, c in widths.items()} == {"cpr": 384, "cpr_fast": 64, "cpr_faster": 16}
     assert all(c.method == "cpr" for c in widths.values())
-

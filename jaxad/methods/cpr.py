@@ -16,7 +16,6 @@ with ``use_lrb`` the branches' ``params``/``batch_stats`` and ``validation``, wi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from jaxad import compilation, parallel, postprocess, training
 from jaxad.backbones import Backbone
-from jaxad.config import require_at_least, require_between
+from jaxad.config import require_at_least, require_between, require_positive
 from jaxad.cpr import anomalies, foreground, local, retrieval
 from jaxad.cpr import train as lrb_training
 from jaxad.data import Batch, read_image, resize_image
@@ -54,7 +53,7 @@ def _check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
     if any(r < 1 or r % 2 == 0 for r in config.windows):
         raise ConfigError(f"--config.windows={config.windows}: window sizes must be odd and positive")
     require_at_least(config, 1, *COUNTS)
-    require_between(config, "learning_rate", 0.0, math.inf)
+    require_positive(config, "learning_rate")
     require_between(config, "val_fraction", 0.0, 1.0, low_closed=True)
     if config.foreground_classifier not in FOREGROUND_CLASSIFIERS:
         raise ConfigError(f"--config.foreground_classifier={config.foreground_classifier}: choose one of "

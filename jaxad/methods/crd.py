@@ -7,7 +7,6 @@ time the backbone's variables travel in ``state['backbone']``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 
 from jaxad import compilation, features, parallel, postprocess
 from jaxad.backbones import Backbone
-from jaxad.config import require_between
+from jaxad.config import require_positive
 from jaxad.data import Batch
 from jaxad.distances import crd
 from jaxad.errors import ConfigError, NumericsError
@@ -50,7 +49,7 @@ def fit(
     """Accumulate G = Σ f fᵀ over every training patch (sharded over ``mesh``), then M."""
     if config.lam_mode not in crd.LAM_MODES:
         raise ConfigError(f"--config.lam_mode={config.lam_mode}: choose one of {', '.join(crd.LAM_MODES)}")
-    require_between(config, "lam", 0.0, math.inf)  # λ ≤ 0 leaves G + λI singular or indefinite
+    require_positive(config, "lam")  # λ ≤ 0 leaves G + λI singular or indefinite
     mesh = parallel.batch_mesh() if mesh is None else mesh
     step = _gram_step(config, backbone, mesh)
     variables = parallel.replicate(backbone.variables, mesh)

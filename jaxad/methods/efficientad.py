@@ -24,7 +24,6 @@ State: ``{'teacher', 'student', 'ae': params, 'teacher_mean', 'teacher_std': [38
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ import optax
 
 from jaxad import compilation, distillation, parallel, postprocess, training
 from jaxad.backbones import Backbone
-from jaxad.config import require_at_least, require_between
+from jaxad.config import require_at_least, require_between, require_positive
 from jaxad.data import Batch, image_files
 from jaxad.errors import ConfigError
 from jaxad.nets import PDN, Autoencoder, imagenet_normalise
@@ -165,7 +164,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"--config.image_size={size}: EfficientAD needs a square size, a multiple of 32, ≥ 64")
     require_at_least(config, 1, "train_steps", "train_batch_size", "teacher_steps", "teacher_batch_size",
                      "checkpoint_every", "log_every")
-    require_between(config, "lr", 0.0, math.inf)
+    require_positive(config, "lr")
     for key in ("val_fraction", "hard_quantile", "q_a", "q_b"):
         require_between(config, key, 0.0, 1.0)
     if config.q_a >= config.q_b:

@@ -113,10 +113,7 @@ def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
         raise ConfigError(f"--config.shrinkage={config.shrinkage}: choose one of {', '.join(SHRINKAGE)}")
     if config.grouping not in GROUPING:
         raise ConfigError(f"--config.grouping={config.grouping}: choose one of {', '.join(GROUPING)}")
-    if config.group_size < 1 or config.min_group_size < 1:
-        raise ConfigError(f"--config.group_size={config.group_size} and --config.min_group_size={config.min_group_size} "
-                          "must be ≥ 1")
-    require_at_least(config, 1, "match_chunk")
+    require_at_least(config, 1, "group_size", "min_group_size", "match_chunk")
     require_at_least(config, 0, "ridge", "feature_sigma")
     if config.patch_size < 1 or config.patch_size % 2 == 0 or config.num_channels < 1:
         raise ConfigError(f"--config.patch_size={config.patch_size} must be odd and ≥ 1, "

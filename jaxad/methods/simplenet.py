@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -35,7 +34,7 @@ from jax.sharding import Mesh
 
 from jaxad import compilation, features, parallel, postprocess, training
 from jaxad.backbones import Backbone
-from jaxad.config import require_at_least, require_between
+from jaxad.config import require_at_least, require_between, require_positive
 from jaxad.data import Batch
 from jaxad.errors import ConfigError, NumericsError
 from jaxad.methods.crd import patch_features
@@ -264,12 +263,8 @@ def make_step(config: ml_collections.ConfigDict, train_features: jax.Array, val_
 def _check(config: ml_collections.ConfigDict) -> None:
     if config.select not in SELECT:
         raise ConfigError(f"--config.select={config.select}: choose one of {', '.join(SELECT)}")
-    if config.train_steps < 1 or config.validate_every < 1:
-        raise ConfigError(f"--config.train_steps={config.train_steps} / validate_every={config.validate_every}: "
-                          "both must be at least 1")
-    require_at_least(config, 1, "train_batch_size", "hidden_dim", "checkpoint_every")
-    for key in ("dsc_lr", "adaptor_lr"):
-        require_between(config, key, 0.0, math.inf)
+    require_at_least(config, 1, "train_steps", "validate_every", "train_batch_size", "hidden_dim", "checkpoint_every")
+    require_positive(config, "dsc_lr", "adaptor_lr")
     require_between(config, "val_fraction", 0.0, 1.0, low_closed=True)
     if config.select == "best" and config.val_fraction <= 0:
         raise ConfigError("--config.select=best needs a validation split: set val_fraction > 0 or select=last")
