@@ -8,7 +8,6 @@ single category holds ``config.json``, ``state/``, ``metrics.json``, ``roc.png``
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import time
 from functools import partial
@@ -21,10 +20,20 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxad import backbones, checkpoint, compilation, methods, metrics, report
+from jaxad import backbones, checkpoint, methods
 from jaxad.config import require_at_least
-from jaxad.data import Dataset, find_categories, image_files, iterate_batches, open_dataset, read_image, resize_image
+from jaxad.data import (
+    Dataset,
+    find_categories,
+    image_files,
+    iterate_batches,
+    open_dataset,
+    read_image,
+    resize_image,
+)
 from jaxad.errors import ConfigError
+from jaxad.eval import metrics, report
+from jaxad.runtime import compilation
 
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
 

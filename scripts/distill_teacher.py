@@ -14,10 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxad import backbones, cli, distillation, training
+from jaxad import backbones, cli
 from jaxad.config import apply_overrides, load_config
 from jaxad.data import image_files
 from jaxad.errors import ConfigError
+from jaxad.train import distillation, loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def main() -> int:
         settings, backbone, distillation.file_batches(paths, config.batch_size, side, config.seed),
         stats_batches=distillation.file_batches(paths, config.batch_size, side, config.seed + 1),
         checkpoint_dir=Path(config.workdir) if config.workdir else out / "train",
-        checkpoint_every=config.checkpoint_every, run=training.run_identity(config.to_dict(), ("steps",)))
+        checkpoint_every=config.checkpoint_every, run=loop.run_identity(config.to_dict(), ("steps",)))
     path = distillation.save_teacher(out, settings, teacher)
     print(f"teacher written to {path} ({len(paths)} images, {config.steps} steps)")
     return 0

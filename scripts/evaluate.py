@@ -12,8 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxad import cli, pipeline, report
+from jaxad import cli, pipeline
 from jaxad.checkpoint import fitted_runs
+from jaxad.eval import report
 
 
 def main() -> int:

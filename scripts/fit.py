@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxad import cli, pipeline, report
+from jaxad import cli, pipeline
 from jaxad.data import synthetic
+from jaxad.eval import report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,14 +5,14 @@ import os
 import jax
 import pytest
 
-from jaxad import backbone_benchmark, timing
+from jaxad.bench import backbone_speed, timing
 
 
 def test_gflop_per_image_counts_the_forward_up_to_the_deepest_tap():
     taps = ("layer1", "layer2")
-    small, large = (backbone_benchmark.gflop_per_image("resnet18", taps, s) for s in (64, 128))
+    small, large = (backbone_speed.gflop_per_image("resnet18", taps, s) for s in (64, 128))
     assert large / small == pytest.approx(4.0, rel=0.1)  # a conv net's work grows with the pixel count
-    shallower = backbone_benchmark.gflop_per_image("resnet18", ("layer1",), 128)
+    shallower = backbone_speed.gflop_per_image("resnet18", ("layer1",), 128)
     assert 0 < shallower < large  # the forward stops at the deepest requested tap
 
 
@@ -34,8 +34,8 @@ def test_a_measurement_can_run_in_a_process_of_its_own():
 
 
 def test_stages_run_in_network_order_up_to_the_deepest_tap():
-    assert backbone_benchmark.stages("resnet18", "layer2") == ("conv1", "maxpool", "layer1", "layer2")
-    assert backbone_benchmark.stages("resnet18", "conv1") == ("conv1",)
+    assert backbone_speed.stages("resnet18", "layer2") == ("conv1", "maxpool", "layer1", "layer2")
+    assert backbone_speed.stages("resnet18", "conv1") == ("conv1",)
 
 
 def test_weight_bytes_count_the_layers_up_to_the_deepest_tap():
@@ -43,5 +43,5 @@ def test_weight_bytes_count_the_layers_up_to_the_deepest_tap():
     # bias, mean, variance); on CPU also the 3×3 kernels transformed for Winograd, 6×6 in place of 3×3.
     stem, conv3x3, norms = 7 * 7 * 3 * 64, 3 * 3 * 64 * 64, 5 * 4 * 64
     winograd = 4 * 6 * 6 * 64 * 64 if jax.default_backend() == "cpu" else 0
-    assert backbone_benchmark.weight_bytes("resnet18", ("conv1", "layer1")) == 4 * (stem + 4 * conv3x3 + norms + winograd)
-    assert backbone_benchmark.weight_bytes("resnet18", ("layer2",)) > backbone_benchmark.weight_bytes("resnet18", ("layer1",))
+    assert backbone_speed.weight_bytes("resnet18", ("conv1", "layer1")) == 4 * (stem + 4 * conv3x3 + norms + winograd)
+    assert backbone_speed.weight_bytes("resnet18", ("layer2",)) > backbone_speed.weight_bytes("resnet18", ("layer1",))

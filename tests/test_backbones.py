@@ -20,10 +20,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxad import backbones, compilation
+from jaxad import backbones
 from jaxad.backbones import efficientnet_lite, port, registry
 from jaxad.backbones.torch_weights import read_state_dict
 from jaxad.errors import ConfigError, DataError, WeightsError
+from jaxad.runtime import compilation
 
 # ---- torch's file layouts, written by hand --------------------------------------------------
 

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_backbones_resnet import randomised
 
 from jaxad import backbones
 from jaxad.backbones import densenet
 from jaxad.errors import WeightsError
-from test_backbones_resnet import randomised
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet normalisation
 ATOL = 1e-4

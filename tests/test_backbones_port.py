@@ -12,11 +12,11 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from test_backbones import bundled_pth, write_legacy, write_zip
 
 from jaxad import backbones
 from jaxad.backbones.efficientnet_lite import EXPAND, LITE0, LITE1, LITE2
 from jaxad.backbones.torch_weights import read_state_dict
-from test_backbones import bundled_pth, write_legacy, write_zip
 
 pytestmark = pytest.mark.port
 torch = pytest.importorskip("torch")

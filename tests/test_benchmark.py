@@ -3,27 +3,28 @@
 import re
 
 import pytest
+from test_pipeline import CONFIGS_DIR, run_script
 
-from jaxad import benchmark, pipeline
+from jaxad import pipeline
+from jaxad.bench import harness
 from jaxad.data import synthetic
 from jaxad.errors import ConfigError
-from test_pipeline import CONFIGS_DIR, run_script
 
 
 def test_variants_scope_to_their_method():
-    configs = benchmark.variants(["crd", "padim"], ["padim/few:num_channels=20", "small:image_size=64"], CONFIGS_DIR)
+    configs = harness.variants(["crd", "padim"], ["padim/few:num_channels=20", "small:image_size=64"], CONFIGS_DIR)
     assert sorted(configs) == [("crd", "default"), ("crd", "small"), ("padim", "default"), ("padim", "few"), ("padim", "small")]
     assert configs[("padim", "few")].num_channels == 20 and configs[("padim", "default")].num_channels == 100
     with pytest.raises(ConfigError, match="patchcore"):
-        benchmark.variants(["crd"], ["patchcore/x:coreset_ratio=0.5"], CONFIGS_DIR)
-    only = benchmark.variants(["crd", "padim"], ["small:image_size=64"], CONFIGS_DIR, with_default=False)
+        harness.variants(["crd"], ["patchcore/x:coreset_ratio=0.5"], CONFIGS_DIR)
+    only = harness.variants(["crd", "padim"], ["small:image_size=64"], CONFIGS_DIR, with_default=False)
     assert sorted(only) == [("crd", "small"), ("padim", "small")]
 
 
 def test_variant_values_may_hold_commas_inside_brackets_and_quotes():
-    assert benchmark.split_overrides("taps=('a','b'),windows=(3, 1),note='x,y',k=2") == [
+    assert harness.split_overrides("taps=('a','b'),windows=(3, 1),note='x,y',k=2") == [
         "taps=('a','b')", "windows=(3, 1)", "note='x,y'", "k=2"]
-    configs = benchmark.variants(["cpr_faster"], ["coarse:taps=('stage2','stage4'),use_feb=False"], CONFIGS_DIR)
+    configs = harness.variants(["cpr_faster"], ["coarse:taps=('stage2','stage4'),use_feb=False"], CONFIGS_DIR)
     coarse = configs[("cpr_faster", "coarse")]
     assert tuple(coarse.taps) == ("stage2", "stage4") and coarse.use_feb is False
 
@@ -68,10 +69,10 @@ def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
 
 
 def test_few_shot_configs_subsample_the_training_set(tmp_path):
-    configs = benchmark.few_shot(benchmark.variants(["crd"], ["wide:lam=2"], CONFIGS_DIR), [3, 0])
+    configs = harness.few_shot(harness.variants(["crd"], ["wide:lam=2"], CONFIGS_DIR), [3, 0])
     assert sorted(configs) == [("crd", "n=3"), ("crd", "n=all"), ("crd", "wide n=3"), ("crd", "wide n=all")]
     assert configs[("crd", "wide n=3")].train_images == 3 and configs[("crd", "wide n=3")].lam == 2
-    assert benchmark.few_shot_base("wide n=3") == "wide" and benchmark.few_shot_base("n=all") == ""
+    assert harness.few_shot_base("wide n=3") == "wide" and harness.few_shot_base("n=all") == ""
     root = synthetic.generate(tmp_path / "data", seed=3, categories=["gear"], image_size=64,
                               n_train=6, n_test_good=1, n_per_defect=1) / "gear"
     full = pipeline.open_dataset(root)
@@ -100,12 +101,12 @@ def test_a_section_written_elsewhere_is_imported_with_its_plots(tmp_path, capsys
     remote, here = tmp_path / "remote" / "BENCHMARKS.md", tmp_path / "here" / "BENCHMARKS.md"
     remote.parent.mkdir()
     here.parent.mkdir()
-    benchmark.write_section(remote, "speed-gpu", "## speed on a GPU\n\n| a |\n|---|\n| 1 |")
-    benchmark.write_section(remote, "other", "## not asked for")
+    harness.write_section(remote, "speed-gpu", "## speed on a GPU\n\n| a |\n|---|\n| 1 |")
+    harness.write_section(remote, "other", "## not asked for")
     (remote.parent / "benchmarks" / "speed-gpu").mkdir(parents=True)
     (remote.parent / "benchmarks" / "speed-gpu" / "roc.png").write_bytes(b"png")
-    benchmark.write_section(here, "mine", "## kept")
-    benchmark.write_section(here, "speed-gpu", "## stale")
+    harness.write_section(here, "mine", "## kept")
+    harness.write_section(here, "speed-gpu", "## stale")
 
     args = ("--import-from", remote, "--out", here)
     assert run_script("bench.py", *args, "--section", "speed-gpu", capsys=capsys)[0] == 0

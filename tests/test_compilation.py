@@ -1,4 +1,4 @@
-"""jaxad.compilation: jax.jit with jaxad's XLA:CPU options, usable everywhere jax.jit is."""
+"""jaxad.runtime.compilation: jax.jit with jaxad's XLA:CPU options, usable everywhere jax.jit is."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxad import compilation
+from jaxad.runtime import compilation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_top_level_calls_compile_with_the_options(monkeypatch, fresh_options):
 
 def test_a_users_xla_flags_setting_wins():
     """With the option in XLA_FLAGS, jaxad adds nothing of its own."""
-    code = "from jaxad import compilation; assert compilation.cpu_options() == {}, compilation.cpu_options()"
+    code = "from jaxad.runtime import compilation; assert compilation.cpu_options() == {}, compilation.cpu_options()"
     flags = f"{os.environ.get('XLA_FLAGS', '')} --{compilation.YNN_OPTION}=LIBRARY_FUSION_TYPE_REDUCE".strip()
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

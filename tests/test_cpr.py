@@ -10,11 +10,12 @@ import pytest
 
 from jaxad import backbones, features
 from jaxad.config import load_config
-from jaxad.cpr import anomalies, foreground, local, retrieval
-from jaxad.cpr import train as lrb_training
-from jaxad.data import Batch
+from jaxad.data import Batch, anomalies
+from jaxad.distances import windowed
 from jaxad.methods import cpr
-from jaxad.methods.cpr import neighbour_table
+from jaxad.methods.cpr import foreground, neighbour_table, retrieval
+from jaxad.methods.cpr import train as lrb_training
+from jaxad.nets import cpr_local
 
 
 def _np_robust_kl(p, q, drop, eps=1e-8):
@@ -115,7 +116,7 @@ def test_windowed_search_matches_brute_force(r, chunk):
     query = unit(rng.normal(size=(2, 5, 6, 4))).astype(np.float32)
     bank = unit(rng.normal(size=(4, 5, 6, 4))).astype(np.float32)
     neighbours = np.array([[2, 0, 3], [1, 1, 2]], np.int32)
-    search = jax.jit(local.windowed_min_distance, static_argnums=(3, 4))
+    search = jax.jit(windowed.windowed_min_distance, static_argnums=(3, 4))
     got = np.asarray(search(jnp.asarray(query), jnp.asarray(bank), jnp.asarray(neighbours), r, chunk))
     np.testing.assert_allclose(got, _brute_force_search(query, bank, neighbours, r), atol=1e-5)
 
@@ -217,7 +218,7 @@ def test_synthesis_blends_only_inside_the_mask_and_tiles_are_a_permutation():
 
 
 def test_lrb_layout_and_unit_descriptors():
-    net = local.LocalRetrievalBranch(16)
+    net = cpr_local.LocalRetrievalBranch(16)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 24))
     variables = net.init(jax.random.key(1), x, train=False)
     counts = {"/".join(str(getattr(k, "key", k)) for k in path): v.shape
@@ -229,7 +230,7 @@ def test_lrb_layout_and_unit_descriptors():
     assert n_params == want
     out, updated = net.apply(variables, x, train=True, mutable=["batch_stats"])
     assert out.shape == (2, 6, 6, 16) and "batch_stats" in updated
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(local.normalise(out)), axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(windowed.normalise(out)), axis=-1), 1.0, atol=1e-5)
 
 
 def test_fit_and_predict_read_the_same_aggregated_maps():

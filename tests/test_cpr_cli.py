@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from test_pipeline import run_cli
+
 from jaxad import backbones, checkpoint
 from jaxad.config import load_config
 from jaxad.data import iterate_batches, open_dataset, synthetic

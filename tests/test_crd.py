@@ -95,7 +95,8 @@ def test_fit_sharded_over_eight_devices_equals_one_device():
         """
         import jax, numpy as np
         jax.config.update("jax_num_cpu_devices", 8)
-        from jaxad import backbones, parallel
+        from jaxad import backbones
+        from jaxad.runtime import parallel
         from jaxad.config import load_config
         from jaxad.data import Batch
         from jaxad.methods import crd

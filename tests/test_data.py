@@ -11,10 +11,18 @@ import pytest
 from PIL import Image
 
 from jaxad.data import (
-    Batch, Sample, find_categories, iterate_batches, num_batches, open_dataset, read_image, read_mask,
-    resize_image, resize_mask,
+    Batch,
+    Sample,
+    find_categories,
+    iterate_batches,
+    loader,
+    num_batches,
+    open_dataset,
+    read_image,
+    read_mask,
+    resize_image,
+    resize_mask,
 )
-from jaxad.data import loader
 from jaxad.data.images import load_sample
 from jaxad.errors import DataError
 

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRELUDE = """
 import jax, numpy as np
 jax.config.update("jax_num_cpu_devices", 8)
-from jaxad import backbones, parallel
+from jaxad import backbones
+from jaxad.runtime import parallel
 assert len(jax.devices()) == 8, jax.devices()
 one, eight = parallel.batch_mesh(jax.devices()[:1]), parallel.batch_mesh()
 
@@ -66,7 +67,7 @@ def _run(body: str) -> None:
 def test_teacher_distillation_step_is_data_parallel():
     """Batch of 8 split one image per device; the replicated PDN gets the all-reduced gradient."""
     _run("""
-        from jaxad import distillation
+        from jaxad.train import distillation
         bb = backbones.load("efficientnet_lite0")
         images = np.random.default_rng(0).random((8, 32, 32, 3)).astype(np.float32)
         settings = distillation.Settings(image_size=32, target_size=32, steps=2, batch_size=8, stats_images=8,

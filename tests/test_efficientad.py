@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from test_pipeline import run_cli
-from jaxad import distillation
+
 from jaxad.backbones import load
 from jaxad.data import synthetic
 from jaxad.features import resize_bilinear
@@ -18,6 +17,7 @@ from jaxad.methods import efficientad
 from jaxad.nets import PDN, Autoencoder, pdn_output_size
 from jaxad.nets.pdn import avg_pool_2x2, decoder_sizes
 from jaxad.postprocess import resize_matrix
+from jaxad.train import distillation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,13 +4,13 @@ import hashlib
 
 import numpy as np
 import pytest
+from test_backbones import bundled_pth, write_zip
+from test_pipeline import run_script
 
 from jaxad import backbones
 from jaxad.backbones import hub, registry
 from jaxad.backbones.torch_weights import read_state_dict
 from jaxad.errors import WeightsError
-from test_backbones import bundled_pth, write_zip
-from test_pipeline import run_script
 
 
 @pytest.fixture(autouse=True)

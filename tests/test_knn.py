@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxad import sampling
-from jaxad.distances import knn
+from jaxad.distances import coreset, knn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,9 +74,9 @@ def test_coreset_equals_numpy_farthest_point_sampling():
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(500, 200)).astype(np.float32)
     key = jax.random.key(3)
-    got = np.asarray(sampling.greedy_coreset(jnp.asarray(feats), 50, key))
+    got = np.asarray(coreset.greedy_coreset(jnp.asarray(feats), 50, key))
     project_key, start_key = jax.random.split(key)
-    points = np.asarray(sampling.project(jnp.asarray(feats), project_key, 128), dtype=np.float64)
+    points = np.asarray(coreset.project(jnp.asarray(feats), project_key, 128), dtype=np.float64)
     start = int(jax.random.randint(start_key, (), 0, 500, dtype=jnp.int32))
     np.testing.assert_array_equal(got, _numpy_coreset(points, 50, start))
     assert len(set(got.tolist())) == 50 and got[0] == start
@@ -85,7 +84,7 @@ def test_coreset_equals_numpy_farthest_point_sampling():
 
 def test_coreset_rejects_bad_sizes():
     with pytest.raises(ValueError):
-        sampling.greedy_coreset(jnp.zeros((10, 3)), 11, jax.random.key(0))
+        coreset.greedy_coreset(jnp.zeros((10, 3)), 11, jax.random.key(0))
 
 
 def test_sharded_search_over_eight_devices_equals_one_device():
@@ -93,7 +92,7 @@ def test_sharded_search_over_eight_devices_equals_one_device():
         """
         import jax, numpy as np
         jax.config.update("jax_num_cpu_devices", 8)
-        from jaxad import parallel
+        from jaxad.runtime import parallel
         from jaxad.distances import knn
         rng = np.random.default_rng(0)
         bank = rng.normal(size=(8 * 130, 16)).astype(np.float32)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxad import matching
+from jaxad.distances import matching
 from jaxad.errors import ConfigError
 
 

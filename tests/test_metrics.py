@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from jaxad import metrics
 from jaxad.errors import DataError
+from jaxad.eval import metrics
 
 
 def _tied_data(rng: np.random.Generator, n: int, decimals: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from test_pipeline import SMALL, run_cli, run_script
 
 from jaxad import backbones, checkpoint, features
 from jaxad.data import iterate_batches, open_dataset, synthetic
 from jaxad.methods import paap
-from test_pipeline import SMALL, run_cli, run_script
 
 
 def _paap_reference(x: np.ndarray, p: int, out: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import textwrap
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_pipeline import CONFIGS_DIR, ROOT, SMALL, run_script
 
 from jaxad import backbones, features
 from jaxad.config import apply_overrides, config_path, load_config
@@ -16,7 +17,6 @@ from jaxad.data import iterate_batches, open_dataset, synthetic
 from jaxad.distances import mahalanobis
 from jaxad.errors import ConfigError
 from jaxad.methods import padim
-from test_pipeline import CONFIGS_DIR, ROOT, SMALL, run_script
 
 
 def _streamed(f: np.ndarray, valid: np.ndarray, batch: int, reg: float):
@@ -63,7 +63,7 @@ def test_sharded_moments_over_eight_devices_equal_one_device():
         import jax, numpy as np
         jax.config.update("jax_num_cpu_devices", 8)
         import jax.numpy as jnp
-        from jaxad import parallel
+        from jaxad.runtime import parallel
         from jaxad.distances import mahalanobis
         f = np.random.default_rng(0).normal(size=(16, 2, 3, 5)).astype(np.float32)
         valid = np.arange(16) < 13

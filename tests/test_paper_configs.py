@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from test_pipeline import ROOT, run_script
 
 from jaxad import backbones, methods
 from jaxad.config import load_config
-from test_pipeline import ROOT, run_script
 
 PAPER = sorted((ROOT / "configs" / "paper").glob("*.py"))
 

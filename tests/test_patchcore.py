@@ -5,12 +5,12 @@ import json
 import jax
 import numpy as np
 import pytest
+from test_pipeline import CONFIGS_DIR, SMALL, run_script
 
 from jaxad import backbones
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.data import iterate_batches, open_dataset, synthetic
 from jaxad.methods import patchcore
-from test_pipeline import CONFIGS_DIR, SMALL, run_script
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from test_pipeline import run_cli
-from jaxad import distillation
+
 from jaxad.data import synthetic_loco
 from jaxad.methods import puad
 from jaxad.nets import PDN
+from jaxad.train import distillation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad import report
+from jaxad.eval import report
 
 
 def test_heatmap_endpoints_and_clipping():

@@ -8,13 +8,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from test_pipeline import CONFIGS_DIR, SMALL, run_script
 
-from jaxad import backbones, checkpoint, parallel, training
+from jaxad import backbones, checkpoint
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.data import iterate_batches, open_dataset, synthetic
 from jaxad.errors import ConfigError
 from jaxad.methods import simplenet
-from test_pipeline import CONFIGS_DIR, SMALL, run_script
+from jaxad.runtime import parallel
+from jaxad.train import loop
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -140,7 +142,7 @@ def test_noise_is_fresh_every_step():
     config = _config(train_steps=10, validate_every=5)
     step, state = _toy(config)
     base = jax.random.key(3)
-    keys = [jax.random.fold_in(base, i) for i in range(2)]  # what training.train passes to steps 0 and 1
+    keys = [jax.random.fold_in(base, i) for i in range(2)]  # what loop.train passes to steps 0 and 1
     one, _ = step(state, None, keys[0])
     again, _ = step(state, None, keys[0])
     other, _ = step(state, None, keys[1])
@@ -185,9 +187,9 @@ def test_resume_from_a_checkpoint_equals_a_straight_run(tmp_path):
     config = _config(train_steps=12, validate_every=3, noise_std=0.1)
     step, state = _toy(config)
     key = jax.random.key(5)
-    straight, _ = training.train(step, state, itertools.repeat(None), 12, key, log_every=3)
-    training.train(step, state, itertools.repeat(None), 7, key, checkpoint_dir=tmp_path, checkpoint_every=5, log_every=3)
-    resumed, _ = training.train(step, state, itertools.repeat(None), 12, key, checkpoint_dir=tmp_path,
+    straight, _ = loop.train(step, state, itertools.repeat(None), 12, key, log_every=3)
+    loop.train(step, state, itertools.repeat(None), 7, key, checkpoint_dir=tmp_path, checkpoint_every=5, log_every=3)
+    resumed, _ = loop.train(step, state, itertools.repeat(None), 12, key, checkpoint_dir=tmp_path,
                                 checkpoint_every=5, log_every=3)
     for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_allclose(x, y, rtol=1e-6)

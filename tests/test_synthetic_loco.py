@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxad.data import open_dataset, read_image, read_mask
-from jaxad.data import synthetic_loco
+from jaxad.data import open_dataset, read_image, read_mask, synthetic_loco
 from jaxad.errors import DataError
 
 COUNTS = dict(image_size=64, n_train=3, n_val=2, n_test_good=2, n_per_kind=1)

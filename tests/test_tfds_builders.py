@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-
-from jaxad.data import iterate_batches, open_dataset, read_image
-from jaxad.data import tfds_builders
-from jaxad.errors import ConfigError, DataError
 from test_data import _mask, _png16, _rgb, _save, make_mvtec
+
+from jaxad.data import iterate_batches, open_dataset, read_image, tfds_builders
+from jaxad.errors import ConfigError, DataError
 
 
 def test_mvtec_ad_round_trip(tmp_path):

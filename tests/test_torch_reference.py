@@ -1,8 +1,5 @@
 """The torch side of the backbone benchmark computes what jaxad's side does, no more."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.port
@@ -10,10 +7,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")
 
-_spec = importlib.util.spec_from_file_location(
-    "torch_reference", Path(__file__).resolve().parents[1] / "scripts" / "torch_reference.py")
-torch_reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(torch_reference)
+from jaxad.bench import torch_reference  # noqa: E402  (after the skips: it needs torch)
 
 
 def _channels_computed(model: torch.nn.Module, modules, size: int = 64) -> list[int]:

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxad import backbones, compilation
-from jaxad.backbones import winograd
-from jaxad.backbones import layers
+from jaxad import backbones
+from jaxad.backbones import layers, winograd
 from jaxad.backbones.layers import FrozenConv
+from jaxad.runtime import compilation
 
 
 def _direct(x, kernel, stride=1):

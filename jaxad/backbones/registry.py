@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
-from jaxad import compilation, parallel
 from jaxad.backbones import hub, winograd
 from jaxad.backbones.torch_weights import read_state_dict
 from jaxad.errors import ConfigError, DataError, WeightsError
+from jaxad.runtime import compilation
 
 CACHE_FORMAT = 1  # bump when a key map or layout rule changes what a cached file holds
 
@@ -101,7 +101,7 @@ def _forward(module: nn.Module, taps: tuple[str, ...], variables: dict, images: 
 def _features(module: nn.Module, taps: tuple[str, ...], variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     """Compiled once per (module, taps, input shape), shared by every Backbone of that module."""
     images = jnp.asarray(images, jnp.float32)
-    return parallel.in_small_batches_on_cpu(partial(_forward, module, taps, variables), images, CPU_MICRO_BATCH)
+    return compilation.in_small_batches_on_cpu(partial(_forward, module, taps, variables), images, CPU_MICRO_BATCH)
 
 
 def _with_winograd_kernels(variables: Mapping[str, Any], dtype: Any) -> dict:

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxad import compilation
+from jaxad.runtime import compilation
 
 MAX_INPUT = 2**20  # input elements (N·H·W·C) of a call above which XLA's convolution is faster on CPU:
 # the tile tensor, 2.25× the input, then passes 9 MiB and leaves the cache (timed layer by layer on

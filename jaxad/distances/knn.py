@@ -12,9 +12,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from jaxad.parallel import AXIS
+from jaxad.runtime.parallel import AXIS
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

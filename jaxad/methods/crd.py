@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import compilation, features, parallel, postprocess
+from jaxad import features, postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_positive
 from jaxad.data import Batch
 from jaxad.distances import crd
 from jaxad.errors import ConfigError, NumericsError
+from jaxad.runtime import compilation, parallel
 
 
 def patch_features(config: ml_collections.ConfigDict, backbone: Backbone, variables, images: jax.Array) -> jax.Array:

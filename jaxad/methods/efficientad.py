@@ -34,12 +34,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxad import compilation, distillation, parallel, postprocess, training
+from jaxad import postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_at_least, require_between, require_positive
 from jaxad.data import Batch, image_files
 from jaxad.errors import ConfigError
 from jaxad.nets import PDN, Autoencoder, imagenet_normalise
+from jaxad.runtime import compilation, parallel
+from jaxad.train import distillation, loop
 
 CHANNELS = distillation.TEACHER_CHANNELS  # 384; the student has twice as many
 MAP_PAD = 4  # zero border added to the 56×56 map before resizing (H/4 − 8 + 8 = H/4)
@@ -186,10 +188,10 @@ def teacher_for(config: ml_collections.ConfigDict, backbone: Backbone, images: n
         projection=config.teacher_projection, image_size=config.image_size, target_size=config.image_size,
         steps=config.teacher_steps, batch_size=config.teacher_batch_size, stats_images=len(images), seed=config.seed)
     teacher = distillation.distil(
-        settings, backbone, training.random_batches(images, settings.batch_size, config.seed),
-        stats_batches=training.random_batches(images, settings.batch_size, config.seed + 1),
+        settings, backbone, loop.random_batches(images, settings.batch_size, config.seed),
+        stats_batches=loop.random_batches(images, settings.batch_size, config.seed + 1),
         checkpoint_dir=None if workdir is None else workdir / "teacher", checkpoint_every=config.checkpoint_every,
-        run=training.run_identity(config.to_dict(), ("teacher_steps", "train_steps")))
+        run=loop.run_identity(config.to_dict(), ("teacher_steps", "train_steps")))
     source = (f"distilled here on {len(images)} training images, {config.teacher_steps} steps, "
               f"from {config.backbone} {tuple(config.taps)} (CPU stand-in, not an ImageNet teacher)")
     return teacher, source
@@ -249,7 +251,7 @@ def make_step(config: ml_collections.ConfigDict, frozen: dict) -> Callable:
 
 def train_batches(config: ml_collections.ConfigDict, images: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless (training images, generic penalty images at 2× size or a placeholder) pairs."""
-    own = training.random_batches(images, config.train_batch_size, config.seed)
+    own = loop.random_batches(images, config.train_batch_size, config.seed)
     if not uses_penalty(config):
         placeholder = np.zeros((config.train_batch_size, 1, 1, 3), np.float32)
         return ((x, placeholder) for x in own)
@@ -271,7 +273,7 @@ def validation_quantiles(config: ml_collections.ConfigDict, state: dict, images:
 def fit_images(config: ml_collections.ConfigDict, images: np.ndarray, backbone: Backbone) -> tuple[dict, np.ndarray, np.ndarray]:
     """Fit on images in memory; returns (state, train indices, validation indices) of ``images``."""
     _check(config)
-    train_idx, val_idx = training.hold_out(len(images), config.val_fraction, config.seed)
+    train_idx, val_idx = loop.hold_out(len(images), config.val_fraction, config.seed)
     if len(val_idx) == 0:
         raise ConfigError(f"EfficientAD needs ≥ 2 training images (a validation split); got {len(images)}")
     train_images = images[train_idx]
@@ -286,12 +288,12 @@ def fit_images(config: ml_collections.ConfigDict, images: np.ndarray, backbone: 
     params = {"student": compilation.init(student_net(config), k_student, dummy)["params"],
               "ae": compilation.init(autoencoder(), k_ae, dummy)["params"]}
     start = time.perf_counter()
-    trained, history = training.train(
+    trained, history = loop.train(
         make_step(config, frozen), {"params": params, "opt": optimiser(config).init(params)},
         train_batches(config, train_images), config.train_steps, k_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
         desc="efficientad", log_every=config.log_every, mesh=parallel.training_mesh(config.train_batch_size),
-        run=training.run_identity(config.to_dict()))
+        run=loop.run_identity(config.to_dict()))
     train_seconds = time.perf_counter() - start
     state = {**frozen, **trained["params"], "penalty": np.int32(uses_penalty(config))}
     state["quantiles"] = validation_quantiles(config, state, images[val_idx])
@@ -313,4 +315,4 @@ def fit(
 ) -> dict:
     """Collect the training images, hold out the validation split, distil or load the teacher,
     train student + autoencoder, then set the map quantiles on the validation split."""
-    return fit_images(config, training.collect_images(batches, progress), backbone)[0]
+    return fit_images(config, loop.collect_images(batches, progress), backbone)[0]

@@ -1,6 +1,6 @@
 """Feature-matching groups + patch-adaptive average pooling (Dini & Rahtu): training-free.
 
-Fit ("pre-testing phase"): match every pair of training images (``jaxad.matching``), group them
+Fit ("pre-testing phase"): match every pair of training images (``jaxad.distances.matching``), group them
 greedily by match count, and model each group's adapted features by one Gaussian per location.
 Predict: match the test image to every group's lead image, take the best-matching group and score
 each location by the Mahalanobis distance to that group's Gaussian; image score = max of the map.
@@ -46,12 +46,14 @@ import ml_collections
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
-from jaxad import compilation, features, matching, postprocess
+from jaxad import features, postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_at_least
 from jaxad.data import Batch
 from jaxad.distances import mahalanobis as gaussian
+from jaxad.distances import matching
 from jaxad.errors import ConfigError, NumericsError
+from jaxad.runtime import compilation
 
 SHRINKAGE = ("ledoit_wolf", "ridge")
 GROUPING = ("size", "threshold")

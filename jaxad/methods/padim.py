@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import compilation, features, parallel, postprocess
+from jaxad import features, postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_at_least
 from jaxad.data import Batch
 from jaxad.distances import mahalanobis
 from jaxad.errors import ConfigError, NumericsError
+from jaxad.runtime import compilation, parallel
 
 
 def channel_subset(config: ml_collections.ConfigDict, backbone: Backbone) -> np.ndarray:

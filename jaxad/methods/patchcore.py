@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import compilation, postprocess, sampling
+from jaxad import postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_at_least, require_between
 from jaxad.data import Batch
-from jaxad.distances import knn
+from jaxad.distances import coreset, knn
 from jaxad.errors import ConfigError, NumericsError
 from jaxad.methods.crd import patch_features
+from jaxad.runtime import compilation
 
 SCORES = ("reweighted", "max")
 
@@ -52,7 +53,7 @@ def fit(
     bank = np.concatenate(patches)
     if config.coreset_ratio < 1.0:
         count = max(1, int(round(config.coreset_ratio * len(bank))))
-        keep = sampling.greedy_coreset(jnp.asarray(bank), count, jax.random.key(config.seed), config.projection_dim)
+        keep = coreset.greedy_coreset(jnp.asarray(bank), count, jax.random.key(config.seed), config.projection_dim)
         bank = bank[np.asarray(keep)]
     return {"bank": jnp.asarray(bank, jnp.float32)}
 

@@ -24,12 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import compilation, training
-from jaxad.distances import mahalanobis as gaussian
 from jaxad.backbones import Backbone
 from jaxad.data import Batch
+from jaxad.distances import mahalanobis as gaussian
 from jaxad.errors import ConfigError
 from jaxad.methods import efficientad
+from jaxad.runtime import compilation
+from jaxad.train import loop
 
 FEATURES = ("student", "teacher")
 
@@ -86,7 +87,7 @@ def fit(
     """EfficientAD's fit, then the Gaussian on pooled features and the validation z statistics."""
     if config.feature not in FEATURES:
         raise ConfigError(f"--config.feature={config.feature}: choose one of {', '.join(FEATURES)}")
-    images = training.collect_images(batches, progress)
+    images = loop.collect_images(batches, progress)
     state, train_idx, val_idx = efficientad.fit_images(config, images, backbone)
     pool = compilation.jit(lambda x: pooled_features(config, *efficientad.outputs(config, state, x)[:2]))
     f = np.concatenate(compilation.in_fixed_batches(pool, images[train_idx], config.batch_size))

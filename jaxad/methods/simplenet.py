@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,16 +31,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxad import compilation, features, parallel, postprocess, training
+from jaxad import features, postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_at_least, require_between, require_positive
 from jaxad.data import Batch
 from jaxad.errors import ConfigError, NumericsError
 from jaxad.methods.crd import patch_features
+from jaxad.nets.simplenet import Discriminator, adaptor
+from jaxad.runtime import compilation, parallel
+from jaxad.train import loop
 
 EMBEDDINGS = ("average", "unfold")
 SELECT = ("best", "last")
-XAVIER_NORMAL = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")  # torch xavier_normal_
 
 
 # ---------------------------------------------------------------- embedding
@@ -102,25 +103,7 @@ def embed(config: ml_collections.ConfigDict, backbone: Backbone, variables, imag
     return pool_channels(jnp.concatenate(per_tap, axis=-1), dim)
 
 
-# ---------------------------------------------------------------- heads and loss
-
-
-class Discriminator(nn.Module):
-    """Linear → BatchNorm → LeakyReLU(0.2) → Linear(1, no bias): one normality score per feature."""
-
-    hidden: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Dense(self.hidden, kernel_init=XAVIER_NORMAL)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)  # torch momentum 0.1
-        x = nn.leaky_relu(x, 0.2)
-        return nn.Dense(1, use_bias=False, kernel_init=XAVIER_NORMAL)(x)[:, 0]
-
-
-def adaptor(dim: int) -> nn.Dense:
-    """The feature adaptor: one Linear d → d with bias."""
-    return nn.Dense(dim, kernel_init=XAVIER_NORMAL)
+# ---------------------------------------------------------------- loss
 
 
 def hinge_loss(true_scores: jax.Array, fake_scores: jax.Array, th: float) -> jax.Array:
@@ -249,7 +232,7 @@ def _step(config: ml_collections.FrozenConfigDict, shard: Callable[[Any], Any], 
 
 def make_step(config: ml_collections.ConfigDict, train_features: jax.Array, val_features: jax.Array,
               mesh: Mesh) -> Callable:
-    """The jitted ``(state, batch, key) -> (state, metrics)`` for ``training.train``. The batch is
+    """The jitted ``(state, batch, key) -> (state, metrics)`` for ``loop.train``. The batch is
     unused: images are picked by :func:`batch_indices` from the precomputed features [n, h, w, d]
     (train) and [m, h·w, d] (validation), which stay on the devices of ``mesh`` between steps; each
     device takes a slice of the step's images, and the gradients and BatchNorm statistics are
@@ -302,7 +285,7 @@ def fit(
     start = time.perf_counter()
     feats = extract(config, batches, backbone, dim, progress)
     extract_seconds = time.perf_counter() - start
-    train_idx, val_idx = training.hold_out(len(feats), config.val_fraction, config.seed)
+    train_idx, val_idx = loop.hold_out(len(feats), config.val_fraction, config.seed)
     if config.select == "best" and len(val_idx) == 0:
         raise ConfigError(f"--config.select=best: {len(feats)} training image(s) leave none for validation; "
                           "use select=last")
@@ -314,12 +297,12 @@ def fit(
     workdir = Path(config.workdir) if "workdir" in config else None
     start = time.perf_counter()
     state = parallel.replicate(init_state(config, dim, key_init), mesh)
-    state, history = training.train(
+    state, history = loop.train(
         make_step(config, train_features, val_features, mesh), state,
         itertools.repeat(None), config.train_steps, key_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
         desc="simplenet", log_every=config.validate_every,  # logged steps are validated steps: val_loss is fresh
-        run=training.run_identity(config.to_dict()))
+        run=loop.run_identity(config.to_dict()))
     train_seconds = time.perf_counter() - start
     chosen = state["best"] if config.select == "best" else {"params": state["params"], "batch_stats": state["batch_stats"]}
     selected_step = state["best_step"] if config.select == "best" else state["step"]

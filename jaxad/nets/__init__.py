@@ -1,5 +1,14 @@
-"""Small trainable networks that methods train from scratch (not pretrained feature extractors)."""
+"""Small trainable networks that methods train from scratch (not pretrained feature extractors):
+EfficientAD's PDN and autoencoder (:mod:`~jaxad.nets.pdn`), CPR's local retrieval branch
+(:mod:`~jaxad.nets.cpr_local`), SimpleNet's adaptor and discriminator (:mod:`~jaxad.nets.simplenet`)."""
 
-from jaxad.nets.pdn import PDN, Autoencoder, imagenet_normalise, pdn_m, pdn_s, pdn_output_size
+from jaxad.nets.pdn import (
+    PDN,
+    Autoencoder,
+    imagenet_normalise,
+    pdn_m,
+    pdn_output_size,
+    pdn_s,
+)
 
 __all__ = ["PDN", "Autoencoder", "imagenet_normalise", "pdn_m", "pdn_s", "pdn_output_size"]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxad import compilation
+from jaxad.runtime import compilation
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -11,7 +11,8 @@ YNNPACK's products faster, set the option in ``XLA_FLAGS``: jaxad then leaves it
 On GPU/TPU, or with an XLA that does not know the option, programs compile with XLA's defaults.
 
 Beside it: :func:`init` (a Linen init as one program) and :func:`in_fixed_batches` (one program
-for every batch of a loop, the tail padded), which save compilations on any backend.
+for every batch of a loop, the tail padded), which save compilations on any backend, and
+:func:`in_small_batches_on_cpu`, which keeps a CPU's working set in its caches.
 """
 
 from __future__ import annotations
@@ -90,3 +91,12 @@ def in_fixed_batches(fn: Callable[[Any], Any], inputs: Any, batch_size: int) -> 
         real = count - start
         out.append(jax.tree.map(lambda r: r[:real], result) if real < batch_size else result)
     return out
+
+
+def in_small_batches_on_cpu(fn: Callable[[jax.Array], Any], images: jax.Array, size: int) -> Any:
+    """``fn(images)`` (a pytree with a leading batch axis), computed ``size`` images at a time
+    (``lax.map``) on a single CPU device, where a whole batch's intermediate maps overflow the
+    caches; elsewhere, or across devices (the batch is sharded), in one call."""
+    if jax.default_backend() != "cpu" or jax.device_count() > 1 or images.shape[0] <= size:
+        return fn(images)
+    return jax.lax.map(lambda image: jax.tree.map(lambda a: a[0], fn(image[None])), images, batch_size=size)

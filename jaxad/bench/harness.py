@@ -20,10 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxad import checkpoint, pipeline, report, timing
+from jaxad import checkpoint, pipeline
+from jaxad.bench import timing
 from jaxad.config import apply_overrides, config_path, load_config
-from jaxad.data import iterate_batches, open_dataset
+from jaxad.data import find_categories, iterate_batches, open_dataset
 from jaxad.errors import ConfigError
+from jaxad.eval import report
 
 COLUMNS = [
     "dataset", "method", "variant", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
@@ -175,6 +177,44 @@ def few_shot_section(title: str, command: str, rows: list[dict[str, Any]], plots
     if notes:
         lines += [notes, ""]
     return "\n".join(lines)
+
+
+def datasets_under(root: Path) -> list[Path]:
+    """Every category folder below ``root`` (``root`` itself when it is one category)."""
+    root = Path(root)
+    if (root / "train").is_dir():
+        return [root]
+    return [c for d in sorted(p for p in root.iterdir() if p.is_dir()) for c in find_categories(d)]
+
+
+def write_methods(out: Path, section: str, title: str, command: str,
+                  configs: dict[tuple[str, str], ml_collections.ConfigDict], datasets: Sequence[Path],
+                  note: str = "") -> None:
+    """Fits, evaluates and times every config on every dataset and writes the section ``section``
+    of ``out``, with each run's plots in ``benchmarks/SECTION`` beside it."""
+    rows = run(configs, datasets, plots_dir=Path(out).parent / "benchmarks" / section)
+    write_section(out, section, accuracy_section(title, command, rows, note, link_root=Path(out).parent))
+
+
+def write_few_shot(out: Path, section: str, command: str, configs: dict[tuple[str, str], ml_collections.ConfigDict],
+                   datasets: Sequence[Path], sizes: Sequence[int], note: str = "") -> None:
+    """Image AUROC against the number of normal training images (``sizes``; 0: all of them), one
+    plot per dataset, written as the section ``section`` of ``out``."""
+    rows = run(few_shot(configs, sizes), datasets, timed=False)
+    plots = []
+    for data in datasets:
+        series: dict[str, tuple[list, list]] = {}
+        for r in sorted((r for r in rows if r["dataset"] == data.name), key=lambda r: r["n_train"]):
+            label = " ".join(filter(None, [r["method"], few_shot_base(r["variant"])]))
+            xs, ys = series.setdefault(label, ([], []))
+            xs.append(r["n_train"])
+            ys.append(r["image_auroc"])
+        plots.append(Path(out).parent / "benchmarks" / section / f"{data.name}_image_auroc.png")
+        plots[-1].parent.mkdir(parents=True, exist_ok=True)
+        report.save_line_plot(plots[-1], series, "normal training images", "image AUROC",
+                              f"few-shot: {data.name}", logx=True)
+    title = f"Few-shot: {', '.join(sorted({m for m, _ in configs}))} against training-set size"
+    write_section(out, section, few_shot_section(title, command, rows, plots, Path(out).parent, note))
 
 
 def write_section(path: Path, name: str, body: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from jaxad import metrics
+from jaxad.eval import metrics
 
 # Jet-like colour ramp: (position, RGB) anchors, linearly interpolated per channel.
 _RAMP = np.array([

@@ -13,7 +13,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxad import compilation
+from jaxad.runtime import compilation
 
 
 def project(features: jax.Array, key: jax.Array, projection_dim: int = 128) -> jax.Array:

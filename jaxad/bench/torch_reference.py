@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-
 # timm's EfficientNet-Lite stage outputs at strides 4/8/16/32 are jaxad's stage1/stage2/stage4/stage6
 LITE_STAGES = {"stage1": 1, "stage2": 2, "stage4": 3, "stage6": 4}
 

@@ -12,6 +12,12 @@ State: ``centres`` [k, C₀], ``histograms`` [N, S², k], ``fingerprints`` [N, C
 features, to recognise a training image used as query), ``bank`` {scale_i: [N, h_i, w_i, D]},
 with ``use_lrb`` the branches' ``params``/``batch_stats`` and ``validation``, with ``use_feb``
 ``foreground`` {w, b, lo, hi} and ``foreground_maps`` [N, h₀, w₀].
+
+Its parts: :mod:`~jaxad.methods.cpr.retrieval` (k-means codebook, block histograms, robust KL,
+top-K), :mod:`~jaxad.methods.cpr.foreground` (2-means pseudo-labels, linear discriminant) and
+:mod:`~jaxad.methods.cpr.train` (contrastive training of the local branch on synthetic pairs). The
+local branch's network is :mod:`jaxad.nets.cpr_local`, its search :mod:`jaxad.distances.windowed`,
+the synthetic anomalies :mod:`jaxad.data.anomalies`.
 """
 
 from __future__ import annotations
@@ -25,14 +31,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxad import compilation, parallel, postprocess, training
+from jaxad import postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_at_least, require_between, require_positive
-from jaxad.cpr import anomalies, foreground, local, retrieval
-from jaxad.cpr import train as lrb_training
-from jaxad.data import Batch, read_image, resize_image
+from jaxad.data import Batch, anomalies, read_image, resize_image
 from jaxad.data.images import IMAGE_EXTENSIONS
+from jaxad.distances import windowed
 from jaxad.errors import ConfigError, DataError, NumericsError
+from jaxad.methods.cpr import foreground, retrieval
+from jaxad.methods.cpr import train as lrb_training
+from jaxad.runtime import compilation, parallel
+from jaxad.train import loop
 
 FOREGROUND_CLASSIFIERS = ("lda", "logistic")
 SELECT = ("best", "last")
@@ -86,7 +95,7 @@ def load_textures(folder: str, size: int, limit: int) -> np.ndarray:
 
 
 def extract(config: ml_collections.ConfigDict, backbone: Backbone, images: np.ndarray) -> list[np.ndarray]:
-    """The cascade's backbone maps of every image (:func:`jaxad.cpr.train.cascade_maps`), one
+    """The cascade's backbone maps of every image (:func:`jaxad.methods.cpr.train.cascade_maps`), one
     [N, h, w, C] array per tap of ``config.taps``."""
     run = compilation.jit(lambda v, x: list(lrb_training.cascade_maps(config, backbone, v, x).values()))
     out = compilation.in_fixed_batches(partial(run, backbone.variables), images, config.batch_size)
@@ -143,7 +152,7 @@ def _fit_foreground(config: ml_collections.ConfigDict, first: np.ndarray) -> tup
 def _bank(config: ml_collections.ConfigDict, raw: list[np.ndarray], params: dict | None, stats: dict | None) -> dict:
     """Unit-length reference descriptors of every training image, per scale."""
     if params is None:
-        run = compilation.jit(lambda maps: [local.normalise(m) for m in maps])
+        run = compilation.jit(lambda maps: [windowed.normalise(m) for m in maps])
     else:
         run = compilation.jit(lambda maps: lrb_training.describe(config, params, stats, maps))
     chunks = compilation.in_fixed_batches(run, raw, config.batch_size)
@@ -159,7 +168,7 @@ def fit(
 ) -> dict:
     """Global codebook and histograms, foreground model, trained local branches, reference bank."""
     _check(config, backbone)
-    images = training.collect_images(batches, progress)
+    images = loop.collect_images(batches, progress)
     n = len(images)
     raw = extract(config, backbone, images)
     first = raw[0]
@@ -177,7 +186,7 @@ def fit(
     scales = [raw[config.taps.index(t)] for t in _scales(config)]
     params = stats = None
     if config.use_lrb:
-        train_ids, val_ids = training.hold_out(n, config.val_fraction, config.seed)
+        train_ids, val_ids = loop.hold_out(n, config.val_fraction, config.seed)
         distances = np.asarray(retrieval.robust_kl(hists, hists, config.drop_blocks))
         if not config.use_grb:  # no global ranking: every other training image is a candidate reference
             distances = np.zeros_like(distances)
@@ -246,7 +255,7 @@ def _predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict,
     if config.use_lrb:
         query = lrb_training.describe(config, state["params"], state["batch_stats"], raw)
     else:
-        query = [local.normalise(m) for m in raw]
+        query = [windowed.normalise(m) for m in raw]
     bank = [state["bank"][f"scale{i}"] for i in range(len(raw))]
     scores = lrb_training.local_scores(config, query, bank, neighbours)
     pixel = postprocess.anomaly_maps(scores, size, 0.0)

@@ -27,11 +27,13 @@ import optax
 from jax.sharding import Mesh
 from PIL import Image
 
-from jaxad import checkpoint, compilation, features, parallel, training
+from jaxad import checkpoint, features
 from jaxad.backbones import Backbone
 from jaxad.data.images import read_image
 from jaxad.errors import ConfigError
 from jaxad.nets import PDN, imagenet_normalise, pdn_output_size
+from jaxad.runtime import compilation, parallel
+from jaxad.train import loop
 
 TEACHER_CHANNELS = 384
 PROJECTIONS = ("pool", "random")
@@ -138,7 +140,7 @@ def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray]
     """Train a padded PDN on the standardised targets; returns {'params', 'mean', 'std'}.
 
     Data-parallel over ``mesh`` (default: the devices that divide the batch size). Checkpoints in
-    ``checkpoint_dir`` are resumed only under the same ``run`` (see :func:`jaxad.training.train`).
+    ``checkpoint_dir`` are resumed only under the same ``run`` (see :func:`jaxad.train.loop.train`).
 
     ``batches`` and ``stats_batches`` yield [B, S, S, 3] images in [0, 1] with S ≥ both sizes
     (they are resized on the device to ``image_size`` and ``target_size``).
@@ -172,7 +174,7 @@ def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray]
         updates, opt = tx.update(grads, state["opt"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, {"loss": loss}
 
-    state, _ = training.train(step, state, batches, settings.steps, key_train, checkpoint_dir=checkpoint_dir,
+    state, _ = loop.train(step, state, batches, settings.steps, key_train, checkpoint_dir=checkpoint_dir,
                               checkpoint_every=checkpoint_every, desc="distil teacher", run=run,
                               mesh=parallel.training_mesh(settings.batch_size) if mesh is None else mesh)
     return {"params": state["params"], "mean": jnp.asarray(mean), "std": jnp.asarray(std)}

@@ -26,10 +26,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxad import metrics as jaxad_metrics
-from jaxad import compilation, features, parallel, postprocess, training
+from jaxad import features, postprocess
 from jaxad.backbones import Backbone
-from jaxad.cpr import anomalies, local
+from jaxad.data import anomalies
+from jaxad.distances import windowed
+from jaxad.eval import metrics as jaxad_metrics
+from jaxad.nets import cpr_local
+from jaxad.runtime import compilation, parallel
+from jaxad.train import loop
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -41,7 +45,7 @@ def init_branches(config: ml_collections.ConfigDict, channels: list[int], key: j
     """(params, batch_stats) of one LRB per scale, keyed 'scale0', 'scale1', ..."""
     params, stats = {}, {}
     for i, (c, k) in enumerate(zip(channels, jax.random.split(key, len(channels)))):
-        v = compilation.init(local.LocalRetrievalBranch(config.lrb_width), k, jnp.zeros((1, 4, 4, c), jnp.float32),
+        v = compilation.init(cpr_local.LocalRetrievalBranch(config.lrb_width), k, jnp.zeros((1, 4, 4, c), jnp.float32),
                              train=False)
         params[f"scale{i}"], stats[f"scale{i}"] = v["params"], v["batch_stats"]
     return params, stats
@@ -49,8 +53,8 @@ def init_branches(config: ml_collections.ConfigDict, channels: list[int], key: j
 
 def describe(config: ml_collections.ConfigDict, params: dict, batch_stats: dict, maps: list[jax.Array]) -> list[jax.Array]:
     """Unit-length LRB descriptors [B, h, w, D] of each scale's backbone map (BatchNorm in eval mode)."""
-    net = local.LocalRetrievalBranch(config.lrb_width)
-    return [local.normalise(net.apply({"params": params[f"scale{i}"], "batch_stats": batch_stats[f"scale{i}"]}, m, train=False))
+    net = cpr_local.LocalRetrievalBranch(config.lrb_width)
+    return [windowed.normalise(net.apply({"params": params[f"scale{i}"], "batch_stats": batch_stats[f"scale{i}"]}, m, train=False))
             for i, m in enumerate(maps)]
 
 
@@ -200,14 +204,14 @@ def training_loss(config, backbone: Backbone, params: dict, batch_stats: dict, d
                   idx: jax.Array, shard: Callable = lambda tree: tree) -> tuple[jax.Array, tuple[dict, dict]]:
     """Loss of one step, summed over scales; returns (loss, (new batch_stats, metrics)).
 
-    ``shard`` places the synthesised pairs (e.g. :func:`jaxad.parallel.along_batch`): everything
+    ``shard`` places the synthesised pairs (e.g. :func:`jaxad.runtime.parallel.along_batch`): everything
     after it runs data-parallel."""
     k_pairs, k_points = jax.random.split(key)
     queries, refs, masks, fg_q, fg_r = shard(make_pairs(config, k_pairs, data, idx))
     B, size = queries.shape[0], queries.shape[1]
     raw = backbone_maps(config, backbone, data["backbone"], jnp.concatenate([queries, refs]))
     pairs = jax.vmap(partial(point_pairs, config))(jax.random.split(k_points, B), masks, fg_q, fg_r)
-    net = local.LocalRetrievalBranch(config.lrb_width)
+    net = cpr_local.LocalRetrievalBranch(config.lrb_width)
     loss, new_stats = 0.0, {}
     for i, m in enumerate(raw):
         name = f"scale{i}"
@@ -243,7 +247,7 @@ def local_scores(config: ml_collections.ConfigDict, query: list[jax.Array], bank
     grid = query[0].shape[1:3]
     total = 0.0
     for i, (q, b) in enumerate(zip(query, bank)):
-        d = local.windowed_min_distance(q, b, neighbours, config.windows[i], config.search_chunk)
+        d = windowed.windowed_min_distance(q, b, neighbours, config.windows[i], config.search_chunk)
         total = total + postprocess.anomaly_maps(d, grid, 0.0)
     return total
 
@@ -285,7 +289,7 @@ def _validated(state: dict, value: float) -> dict:
 
 def make_step(config: ml_collections.ConfigDict, backbone: Backbone, data: dict, train_ids: jax.Array,
               val: dict | None, mesh: Mesh | None = None) -> Callable:
-    """The ``(state, batch, key) -> (state, metrics)`` for :func:`jaxad.training.train`: one jitted
+    """The ``(state, batch, key) -> (state, metrics)`` for :func:`jaxad.train.loop.train`: one jitted
     optimiser step, then, every ``validate_every`` steps, the validation pixel AUROC (maps on the
     device, the ranking on the host).
 
@@ -332,10 +336,10 @@ def run(config: ml_collections.ConfigDict, backbone: Backbone, data: dict, chann
         mesh = parallel.training_mesh(min(config.train_batch_size, len(train_ids)))
     step = make_step(config, backbone, data, jnp.asarray(train_ids), val, mesh)
     state = parallel.replicate(init_state(config, channels, key_init), mesh)
-    state, history = training.train(
+    state, history = loop.train(
         step, state, itertools.repeat(None), config.train_steps, key_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
-        desc="cpr", log_every=config.validate_every, run=training.run_identity(config.to_dict()))
+        desc="cpr", log_every=config.validate_every, run=loop.run_identity(config.to_dict()))
     use_best = val is not None and config.select == "best" and bool(np.isfinite(float(state["best_auroc"])))
     chosen = state["best"] if use_best else {"params": state["params"], "batch_stats": state["batch_stats"]}
     summary = {"best_auroc": float(state["best_auroc"]), "best_step": int(state["best_step"]),

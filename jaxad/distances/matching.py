@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxad import compilation
 from jaxad.errors import ConfigError
+from jaxad.runtime import compilation
 
 DENSE = "dense_mnn"
 KEYPOINT_MATCHERS = ("sift", "orb")

@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxad import parallel
 from jaxad.errors import DataError, NumericsError
+from jaxad.runtime import parallel
 
 Step = Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
 

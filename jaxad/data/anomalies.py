@@ -1,4 +1,5 @@
-"""Synthetic anomalies for training the local branch (DRAEM/MemSeg style), generated on the fly.
+"""Synthetic anomalies pasted into normal images (DRAEM/MemSeg style), generated on the fly: what
+CPR trains its local branch on, and any method can validate or choose settings on.
 
 A Perlin-noise blob mask (random scale and rotation, thresholded) chooses where; the content is
 either a texture image (a user folder, or a built-in procedural texture) or the image itself,
@@ -14,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxad import compilation
+from jaxad.runtime import compilation
 
 MAX_RES_LOG2 = 5  # Perlin lattice resolution 2^U{0..5} per axis
 

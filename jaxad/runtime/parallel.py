@@ -13,7 +13,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = "batch"
 
@@ -65,12 +66,3 @@ def summed_over_batch(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
         return jax.tree.map(lambda x: jax.lax.psum(x, AXIS), fn(replicated, batch))
 
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P())
-
-
-def in_small_batches_on_cpu(fn: Callable[[jax.Array], Any], images: jax.Array, size: int) -> Any:
-    """``fn(images)`` (a pytree with a leading batch axis), computed ``size`` images at a time
-    (``lax.map``) on a single CPU device, where a whole batch's intermediate maps overflow the
-    caches; elsewhere, or across devices (the batch is sharded), in one call."""
-    if jax.default_backend() != "cpu" or jax.device_count() > 1 or images.shape[0] <= size:
-        return fn(images)
-    return jax.lax.map(lambda image: jax.tree.map(lambda a: a[0], fn(image[None])), images, batch_size=size)
