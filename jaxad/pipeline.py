@@ -32,7 +32,7 @@ from jaxad.data import (
     resize_image,
 )
 from jaxad.errors import ConfigError
-from jaxad.eval import metrics, report
+from jaxad.eval import metrics, report, run_report
 from jaxad.runtime import compilation
 
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
@@ -136,6 +136,7 @@ def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, wor
     )
     if len(set(labels.tolist())) == 2:
         report.save_roc_curve(workdir / "roc.png", scores, labels, title=f"{config.method} on {dataset.name}")
+    run_report.write(workdir / "report.html", f"{config.method} on {dataset.name}", result, scores, maps, masks, test, size)
     return result
 
 

@@ -81,7 +81,7 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font) -> N
     draw.text(xy, text, font=font, fill=(255, 255, 255))
 
 
-def _panel(image: np.ndarray, map2d: np.ndarray, mask: np.ndarray | None, title: str, vmin: float, vmax: float) -> Image.Image:
+def panel(image: np.ndarray, map2d: np.ndarray, mask: np.ndarray | None, title: str, vmin: float, vmax: float) -> Image.Image:
     """One image's [input | map overlay | ground truth] strip with caption and colour bar."""
     h, w = image.shape[:2]
     k = max(1, math.ceil(_MIN_SIDE / min(h, w)))
@@ -149,7 +149,7 @@ def save_overlays(
         used.add(stem)
         title = str(name) if scores is None else f"{name}   score {float(scores[i]):.4g}"
         path = out_dir / f"{stem}.png"
-        _panel(images[i], maps[i], None if masks is None else masks[i], title, vmin, vmax).save(path)
+        panel(images[i], maps[i], None if masks is None else masks[i], title, vmin, vmax).save(path)
         paths.append(path)
     return paths
 
@@ -194,8 +194,7 @@ def _dashed(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], fill, 
             draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))], fill=fill, width=width)
 
 
-def save_line_plot(
-    path: str | Path,
+def line_plot(
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     xlabel: str,
     ylabel: str,
@@ -206,8 +205,8 @@ def save_line_plot(
     ylim: tuple[float, float] | None = None,
     dashed: Sequence[str] = (),
     size: tuple[int, int] = (640, 480),
-) -> Path:
-    """A PNG line plot with axes, grid, ticks, labels and a legend; ``dashed`` names grey dashed lines.
+) -> Image.Image:
+    """A line plot with axes, grid, ticks, labels and a legend; ``dashed`` names grey dashed lines.
 
     Points that a log axis cannot show (≤ 0) are left out. Series of up to 30 points get markers.
     """
@@ -223,7 +222,7 @@ def save_line_plot(
     xs = np.concatenate([d[0] for d in data.values()] + [np.zeros(0)])
     ys = np.concatenate([d[1] for d in data.values()] + [np.zeros(0)])
     if xs.size == 0:
-        raise ValueError(f"nothing to plot in {path}: every series is empty or off the log axes")
+        raise ValueError(f"nothing to plot in {title!r}: every series is empty or off the log axes")
     (x_lo, x_hi), (y_lo, y_hi) = _limits(xs, xlim, logx), _limits(ys, ylim, logy)
 
     def to_px(x: np.ndarray, y: np.ndarray) -> list[tuple[float, float]]:
@@ -297,20 +296,48 @@ def save_line_plot(
             draw.line([(lx + 8 * s, y), (lx + 34 * s, y)], fill=colour, width=3 * s)
         draw.text((lx + 40 * s, y), name, font=font, fill="black", anchor="lm")
 
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def save_line_plot(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                   xlabel: str, ylabel: str, title: str, **options: Any) -> Path:
+    """:func:`line_plot` (``options``: its keyword arguments) written to the PNG file ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.resize(size, Image.Resampling.LANCZOS).save(path)
+    line_plot(series, xlabel, ylabel, title, **options).save(path)
     return path
 
 
-def save_roc_curve(path: str | Path, scores: Sequence[float], labels: Sequence[int], title: str) -> Path:
+def roc_plot(scores: Sequence[float], labels: Sequence[int], title: str) -> Image.Image:
     """ROC curve of image scores with the chance diagonal; the AUROC is in the legend."""
     fpr, tpr, _ = metrics.roc_curve(scores, labels)
     auroc = metrics.image_auroc(scores, labels)
-    return save_line_plot(
-        path, {f"AUROC {auroc:.4f}": (fpr, tpr), "chance": ([0.0, 1.0], [0.0, 1.0])},
+    return line_plot(
+        {f"AUROC {auroc:.4f}": (fpr, tpr), "chance": ([0.0, 1.0], [0.0, 1.0])},
         "false positive rate", "true positive rate", title,
         xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), dashed=["chance"],
+    )
+
+
+def save_roc_curve(path: str | Path, scores: Sequence[float], labels: Sequence[int], title: str) -> Path:
+    """:func:`roc_plot` written to the PNG file ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    roc_plot(scores, labels, title).save(path)
+    return path
+
+
+def pr_plot(scores: Sequence[float], labels: Sequence[int], title: str) -> Image.Image:
+    """Precision against recall of image scores, with the share of anomalous images (a random
+    ranking's precision) dashed; the AP is in the legend."""
+    fpr, tpr, _ = metrics.roc_curve(scores, labels)
+    t = np.asarray(labels) != 0
+    tp, fp = tpr * t.sum(), fpr * (~t).sum()
+    flagged = tp + fp > 0  # the curve's first point flags no image: no precision there
+    ap = metrics.image_ap(scores, labels)
+    return line_plot(
+        {f"AP {ap:.4f}": (tpr[flagged], tp[flagged] / (tp + fp)[flagged]), "random": ([0.0, 1.0], [t.mean()] * 2)},
+        "recall", "precision", title, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), dashed=["random"],
     )
 
 
