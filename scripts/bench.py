@@ -6,6 +6,7 @@
     python scripts/bench.py --coreset [--coreset-budget 300] [--section NAME]
     python scripts/bench.py --backbones [--per-tap] [--backbone NAME ...] [--no-compile] [--section NAME]
     python scripts/bench.py --import-from OTHER/BENCHMARKS.md --section NAME [--out BENCHMARKS.md]
+    python scripts/bench.py --summary [--section NAME --replaces OLD ...]
 
 --distances times CRD against exact and 1%-coreset nearest neighbour on synthetic features for
 d in {152, 1536} and growing bank sizes, with a log-log plot beside --out. --coreset times the
@@ -22,6 +23,12 @@ present, else the synthetic set (also chosen by --data-root synthetic).
 
 --import-from copies section NAME of a BENCHMARKS.md written on another machine (a GPU, a TPU VM),
 with the plots folder benchmarks/NAME beside it, into --out as it is.
+
+Every run regenerates the summary at the top of --out: method x dataset x machine with each one's
+latest default-config row (image AUROC, pixel AUROC, AUPRO, latency), an index of the sections,
+and the retired ones; --summary regenerates only that. --replaces OLD (repeatable) retires section
+OLD, and its plots folder, as replaced by the section this run writes (with --summary: by the
+existing section --section NAME); the summary lists it with the section that replaced it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import sys
 from pathlib import Path
 
 from jaxad import cli
-from jaxad.bench import backbone_speed, distance_speed, harness
+from jaxad.bench import backbone_speed, distance_speed, harness, summary
 from jaxad.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,25 +69,42 @@ def main() -> int:
                         help="with --backbones: time batch-1 forwards to each tap in turn (time per stage)")
     parser.add_argument("--import-from", type=Path,
                         help="copy --section from this BENCHMARKS.md (written on another machine) into --out")
+    parser.add_argument("--summary", action="store_true", help="only regenerate the summary at the top of --out")
+    parser.add_argument("--replaces", action="append", default=[], metavar="OLD",
+                        help="retire section OLD as replaced by the section written (with --summary: by --section)")
     args = parser.parse_args()
     command = "python scripts/bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if args.import_from:
-        if not args.section:
-            raise SystemExit("--import-from needs --section NAME: the section to copy")
-        harness.import_section(args.import_from, args.out, args.section)
-        print(f"imported section {args.section!r} of {args.import_from} into {args.out}")
-        return 0
-    if args.distances:
-        section = distance_speed.write_distances(args.out, command, args.section, args.max_n, args.flop_budget)
-    elif args.coreset:
-        section = distance_speed.write_coreset(args.out, command, args.section, args.coreset_budget)
-    elif args.backbones:
-        write = backbone_speed.write_stages if args.per_tap else backbone_speed.write_speed
-        section = write(args.out, command, args.section, args.backbone or (), not args.no_compile, args.note)
+    if args.section == summary.NAME:
+        raise SystemExit(f"--section {summary.NAME}: that name is the generated summary's")
+    summary.require_sections(args.out, args.replaces)  # before a run of hours, not after
+    if args.summary or args.import_from:
+        if not args.section and (args.import_from or args.replaces):
+            raise SystemExit("--import-from and --summary --replaces need --section NAME")
+        if args.import_from:
+            harness.import_section(args.import_from, args.out, args.section)
+            print(f"imported section {args.section!r} of {args.import_from} into {args.out}")
+        section = args.section
     else:
-        section = methods(args, command)
-    print(f"wrote section {section!r} of {args.out}")
+        section = run_benchmark(args, command)
+        print(f"wrote section {section!r} of {args.out}")
+    if args.replaces:
+        summary.retire(args.out, args.replaces, section)
+        print(f"retired {', '.join(args.replaces)} (replaced by {section}) in {args.out}")
+    summary.write_summary(args.out, ROOT / "configs")
+    print(f"regenerated the summary of {args.out}")
     return 0
+
+
+def run_benchmark(args: argparse.Namespace, command: str) -> str:
+    """Run the benchmark the arguments ask for and write its section; returns the section's name."""
+    if args.distances:
+        return distance_speed.write_distances(args.out, command, args.section, args.max_n, args.flop_budget)
+    if args.coreset:
+        return distance_speed.write_coreset(args.out, command, args.section, args.coreset_budget)
+    if args.backbones:
+        write = backbone_speed.write_stages if args.per_tap else backbone_speed.write_speed
+        return write(args.out, command, args.section, args.backbone or (), not args.no_compile, args.note)
+    return methods(args, command)
 
 
 def methods(args: argparse.Namespace, command: str) -> str:

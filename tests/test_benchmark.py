@@ -1,5 +1,6 @@
 """scripts/bench.py: several methods and scoped variants in one run, written as one section."""
 
+import json
 import re
 
 import pytest
@@ -66,6 +67,10 @@ def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
             plot = tmp_path / "benchmarks" / "t" / f"{method}-{variant}-gear_{kind}.png"
             assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"(benchmarks/t/{plot.name})" in text
+    recorded = json.loads((tmp_path / "benchmarks" / "t" / harness.ROWS_FILE).read_text())
+    assert {(r["method"], r["variant"], r["config"]["image_size"]) for r in recorded} == {
+        ("crd", "default", 256), ("crd", "small", 64), ("padim", "default", 256), ("padim", "small", 64)}
+    assert re.search(r"^\| crd \| gear \| .* \| current default \| \[t\]\(#", text, re.M)  # the summary
 
 
 def test_few_shot_configs_subsample_the_training_set(tmp_path):

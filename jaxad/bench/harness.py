@@ -7,6 +7,7 @@ file and can be refreshed independently; the command that produced a section is 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -31,6 +32,7 @@ COLUMNS = [
     "dataset", "method", "variant", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
     "n_train", "n_test", "fit_seconds", "latency_ms_b1", "images_per_s_b16", "state_bytes",
 ]
+ROWS_FILE = "rows.json"  # a method section's rows with their configs, in benchmarks/SECTION/
 LATENCY_REPEATS = 20
 THROUGHPUT_BATCH = 16
 
@@ -192,8 +194,24 @@ def write_methods(out: Path, section: str, title: str, command: str,
                   note: str = "") -> None:
     """Fits, evaluates and times every config on every dataset and writes the section ``section``
     of ``out``, with each run's plots in ``benchmarks/SECTION`` beside it."""
-    rows = run(configs, datasets, plots_dir=Path(out).parent / "benchmarks" / section)
+    folder = Path(out).parent / "benchmarks" / section
+    rows = run(configs, datasets, plots_dir=folder)
+    write_rows(folder / ROWS_FILE, rows, configs)
     write_section(out, section, accuracy_section(title, command, rows, note, link_root=Path(out).parent))
+
+
+def plain(obj: Any) -> Any:
+    """What ``obj`` reads back as from JSON (tuples become lists), so that configs compare by value."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]],
+               configs: dict[tuple[str, str], ml_collections.ConfigDict]) -> None:
+    """Each row's numbers (the table's columns) with the full config it ran, as JSON: what the
+    summary of BENCHMARKS.md reads to tell today's default config from an older or changed one."""
+    records = [{**{k: r[k] for k in COLUMNS if k in r}, "config": configs[(r["method"], r["variant"])].to_dict()}
+               for r in rows]
+    path.write_text(json.dumps(plain(records), indent=1) + "\n")
 
 
 def write_few_shot(out: Path, section: str, command: str, configs: dict[tuple[str, str], ml_collections.ConfigDict],

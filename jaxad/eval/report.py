@@ -364,8 +364,12 @@ def provenance(command: str, machine: str) -> list[str]:
     return [f"Command: {code_span(command)}  ", f"Machine: {machine}  ", f"Date: {time.strftime('%Y-%m-%d')}"]
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = ".4f") -> str:
-    """A GitHub markdown table; numbers right-aligned, NaN as n/a, missing cells empty."""
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                   floatfmt: str | Mapping[str, str] = ".4f") -> str:
+    """A GitHub markdown table; numbers right-aligned, NaN as n/a, missing cells empty.
+
+    ``floatfmt`` formats every float, or (a mapping) the floats of the columns it names, others ``.4f``."""
+    formats = [floatfmt.get(c, ".4f") if isinstance(floatfmt, Mapping) else floatfmt for c in columns]
     numeric = [
         all(isinstance(r[c], (int, float, np.number)) and not isinstance(r[c], (bool, np.bool_)) for r in rows if r.get(c) is not None)
         and any(r.get(c) is not None for r in rows)
@@ -375,5 +379,5 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fl
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
     ]
-    lines += ["| " + " | ".join(_cell(r.get(c), floatfmt) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c), f) for c, f in zip(columns, formats)) + " |" for r in rows]
     return "\n".join(lines)
