@@ -8,6 +8,7 @@ import pytest
 from jaxad.bench import backbone_speed, timing
 
 
+@pytest.mark.slow
 def test_gflop_per_image_counts_the_forward_up_to_the_deepest_tap():
     taps = ("layer1", "layer2")
     small, large = (backbone_speed.gflop_per_image("resnet18", taps, s) for s in (64, 128))
@@ -38,6 +39,7 @@ def test_stages_run_in_network_order_up_to_the_deepest_tap():
     assert backbone_speed.stages("resnet18", "conv1") == ("conv1",)
 
 
+@pytest.mark.slow
 def test_weight_bytes_count_the_layers_up_to_the_deepest_tap():
     # ResNet18 to layer1: the 7×7 stem over RGB, four 3×3 convolutions 64→64, five BatchNorms (scale,
     # bias, mean, variance); on CPU also the 3×3 kernels transformed for Winograd, 6×6 in place of 3×3.

@@ -394,6 +394,7 @@ def test_a_backbone_loaded_for_taps_holds_only_the_layers_they_reach(cache, lite
         backbones.load("efficientnet_lite0", taps=("layer3",))
 
 
+@pytest.mark.slow
 def test_a_wide_resnet_read_at_layer3_carries_no_layer4_weights():
     bb = backbones.random_init("resnet18", taps=("layer2", "layer3"))
     for collection in bb.variables.values():
@@ -409,6 +410,7 @@ def test_features_fn_is_pure_inside_a_callers_jit(lite0):
     np.testing.assert_allclose(np.asarray(step(lite0.variables, x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cpu_micro_batches_give_the_whole_batch_result(lite0):
     # An odd batch: pairs of images in a loop, then the one left over, each in its own place.
     x = _images(2 * registry.CPU_MICRO_BATCH + 1, 64)

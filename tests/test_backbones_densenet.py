@@ -96,6 +96,7 @@ def assert_close(label: str, got: dict[str, np.ndarray], reference: dict[str, np
 @pytest.mark.port
 # 72×88 gives odd grids from stride 8 on (flooring pools); one size each keeps compilation short.
 @pytest.mark.parametrize("name, shape", [("densenet121", (1, 64, 64, 3)), ("densenet201", (2, 72, 88, 3))])
+@pytest.mark.slow
 def test_torchvision_parity_in_both_spellings(name, shape, tmp_path):
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")

@@ -19,7 +19,8 @@ from jaxad.backbones.efficientnet_lite import EXPAND, LITE0, LITE1, LITE2
 from jaxad.backbones.torch_weights import read_state_dict
 
 pytestmark = pytest.mark.port
-torch = pytest.importorskip("torch")
+PORT = "needs torch, torchvision and timm: pip install -e '.[test,port]' && python -m pytest -m port"
+torch = pytest.importorskip("torch", reason=PORT)
 
 
 @pytest.fixture(autouse=True, scope="module")

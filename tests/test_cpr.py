@@ -180,6 +180,7 @@ def test_point_pairs_sample_where_each_pair_type_belongs():
     assert np.sum((counts - expected) ** 2 / expected) < size ** 2 + 5 * np.sqrt(2 * size ** 2)
 
 
+@pytest.mark.port
 def test_bilinear_sample_matches_torch_grid_sample():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(8)

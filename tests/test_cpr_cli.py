@@ -92,6 +92,7 @@ def test_a_batch_scores_like_its_images_one_by_one(untrained, category):
         np.testing.assert_allclose(np.asarray(maps[i]), np.asarray(one_map[0]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_trained_local_branch_end_to_end(category, tmp_path, caplog):
     workdir = tmp_path / "w"
     with jax.log_compiles(), caplog.at_level("WARNING", logger="jax._src.dispatch"):

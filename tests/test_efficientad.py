@@ -95,12 +95,13 @@ def test_map_normalisation_padding_and_resize_match_numpy():
                                                    jnp.asarray(st), jnp.asarray(ae)))
     norm = lambda m, q: 0.1 * (m - q[0]) / (q[1] - q[0])  # noqa: E731
     np.testing.assert_allclose(combined, 0.5 * norm(st, qs["st"]) + 0.5 * norm(ae, qs["ae"]), rtol=1e-5, atol=1e-6)
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="its torch half needs the port extra: pip install -e '.[test,port]'")
     want = torch.nn.functional.interpolate(torch.nn.functional.pad(torch.from_numpy(combined.copy())[:, None], (4, 4, 4, 4)),
                                            size=(40, 40), mode="bilinear", align_corners=False)[:, 0].numpy()
     np.testing.assert_allclose(np.asarray(efficientad.to_image(jnp.asarray(combined), (40, 40))), want, atol=1e-5)
 
 
+@pytest.mark.port
 @pytest.mark.parametrize("kind,name", [(0, "adjust_brightness"), (1, "adjust_contrast"), (2, "adjust_saturation")])
 def test_colour_adjustments_match_torchvision(kind, name):
     torch = pytest.importorskip("torch")
@@ -132,6 +133,7 @@ def test_distillation_targets_are_standardised_and_teacher_round_trips(tmp_path)
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.port
 def test_pool_projection_is_torch_adaptive_average():
     torch = pytest.importorskip("torch")
     for dim in (1536, 152):
@@ -144,6 +146,7 @@ TINY = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlay
         "--config.teacher_steps=3", "--config.teacher_batch_size=2", "--config.val_fraction=0.25", "--config.log_every=3"]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
     root = synthetic.generate(tmp_path / "data", seed=1, categories=["gear"], image_size=64, n_train=8,
                               n_test_good=2, n_per_defect=1)

@@ -273,6 +273,7 @@ def test_shape_mismatch_raises():
         metrics.pixel_auroc(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
 
 
+@pytest.mark.slow
 def test_ten_million_pixels():
     rng = np.random.default_rng(0)
     masks = np.zeros((40, 500, 500), bool)

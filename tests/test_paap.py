@@ -47,6 +47,7 @@ def test_patch_adaptive_pool_is_local_mean_then_channel_mean_when_channels_divid
     np.testing.assert_allclose(got, local.reshape(1, 5, 4, 3, 2).mean(-1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.port
 def test_patch_adaptive_pool_matches_torch_unfold_and_adaptive_avg_pool1d():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(2).normal(size=(2, 4, 3, 10)).astype(np.float32)
@@ -122,6 +123,7 @@ def fitted(gear, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_fit_script_end_to_end(fitted, gear, capsys):
     metrics = json.loads((fitted / "metrics.json").read_text())
     assert metrics["n_train"] == 8 and 0 <= metrics["image_auroc"] <= 1 and metrics["predict_images_per_second"] > 0

@@ -118,6 +118,7 @@ def test_too_many_channels_is_a_config_error(gear):
         padim.fit(_config(num_channels=1000), iterate_batches(gear.train, (64, 64), 4), backbones.load("efficientnet_lite0"))
 
 
+@pytest.mark.slow
 def test_fit_script_with_padim(gear, tmp_path, capsys):
     code, _, err = run_script("fit.py", "--method", "padim", "--data", gear.root, "--workdir", tmp_path / "w",
                               *SMALL, capsys=capsys)

@@ -34,7 +34,7 @@ def test_bank_holds_every_patch_or_the_coreset(gear, ratio):
     assert state["bank"].shape == (round(ratio * patches), 152)
 
 
-@pytest.mark.parametrize("score", ["reweighted", "max"])
+@pytest.mark.parametrize("score", ["reweighted", pytest.param("max", marks=pytest.mark.slow)])
 def test_scores_are_finite_and_training_patches_score_zero(gear, score):
     config = _config(coreset_ratio=1.0, score=score)
     bb = backbones.load(config.backbone)
@@ -50,6 +50,7 @@ def test_scores_are_finite_and_training_patches_score_zero(gear, score):
         assert float(np.max(np.asarray(scores))) < 1e-5 * float(np.max(np.sum(np.square(feats), -1)))
 
 
+@pytest.mark.slow
 def test_fit_script_with_patchcore(gear, tmp_path, capsys):
     code, _, err = run_script("fit.py", "--method", "patchcore", "--data", gear.root, "--workdir", tmp_path / "w",
                               *SMALL, capsys=capsys)

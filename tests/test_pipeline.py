@@ -89,6 +89,7 @@ def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
 
 
+@pytest.mark.slow
 def test_predict_takes_folders_and_names_maps_apart(fitted, category, tmp_path, capsys):
     """Every image under a folder is scored; same-named files in different folders keep one map each."""
     code, out, err = run_script("predict.py", "--workdir", fitted, "--out", tmp_path / "pred", category / "test",

@@ -56,6 +56,7 @@ def test_pooled_features_pick_the_student_half_or_the_teacher():
     np.testing.assert_allclose(np.asarray(teacher), np.asarray(t).mean((1, 2)))
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_a_tiny_loco_category(tmp_path):
     data = synthetic_loco.generate(tmp_path / "data", seed=0, image_size=64, n_train=8, n_val=2, n_test_good=2,
                                    n_per_kind=1)

@@ -214,6 +214,7 @@ def test_bad_settings_are_config_errors(gear, backbone, tmp_path):
         _fit(_config(embedding="pool"), gear, backbone, tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_fits_evaluates_and_reloads(gear, tmp_path, capsys):
     workdir = tmp_path / "w"
     code, out, err = run_script("fit.py", "--method", "simplenet", "--data", gear, "--workdir", workdir, *SMALL,

@@ -3,9 +3,10 @@
 import pytest
 
 pytestmark = pytest.mark.port
-torch = pytest.importorskip("torch")
-pytest.importorskip("timm")
-pytest.importorskip("torchvision")
+PORT = "needs torch, torchvision and timm: pip install -e '.[test,port]' && python -m pytest -m port"
+torch = pytest.importorskip("torch", reason=PORT)
+pytest.importorskip("timm", reason=PORT)
+pytest.importorskip("torchvision", reason=PORT)
 
 from jaxad.bench import torch_reference  # noqa: E402  (after the skips: it needs torch)
 
