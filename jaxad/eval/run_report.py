@@ -104,7 +104,8 @@ def _per_defect(result: Mapping[str, Any], defects: np.ndarray, flagged: np.ndar
         p = pixel.get(name, {})
         rows.append((name, int(chosen.sum()), int(flagged[chosen].sum()), image_auroc.get(name, ""),
                      p.get("pixel_auroc", ""), p.get("pixel_ap", ""), p.get("defect_pixels", "")))
-    return _table(["type", "images", "flagged anomalous", "image AUROC", "pixel AUROC", "pixel AP", "defect pixels"], rows)
+    header = ["type", "images", "flagged anomalous", "image AUROC", "pixel AUROC", "pixel AP", "defect pixels"]
+    return _table(header, rows)
 
 
 def _gallery(indices: Sequence[int], samples: Sequence[Sample], scores: np.ndarray, maps: np.ndarray,
@@ -145,7 +146,8 @@ def write(path: str | Path, title: str, result: Mapping[str, Any], scores: np.nd
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p class="meta">{len(samples)} test images: {len(normal)} normal, {len(defective)} defective · written {time.strftime('%Y-%m-%d %H:%M')}</p>
+<p class="meta">{len(samples)} test images: {len(normal)} normal, {len(defective)} defective ·
+written {time.strftime('%Y-%m-%d %H:%M')}</p>
 <h2>Metrics</h2>
 {_metrics_table(result)}
 <h2>Decisions at threshold {_number(value)}</h2>
@@ -157,7 +159,8 @@ def write(path: str | Path, title: str, result: Mapping[str, Any], scores: np.nd
 <p class="note">Image AUROC and pixel metrics of each type's images together with all normal test images.</p>
 {_per_defect(result, defects, flagged)}
 <h2>Normal images with the highest scores</h2>
-<p class="note">The false alarms, if any, come first. Maps share one colour scale, from {vmin:.4g} (blue) to {vmax:.4g} (red).</p>
+<p class="note">The false alarms, if any, come first.
+Maps share one colour scale, from {vmin:.4g} (blue) to {vmax:.4g} (red).</p>
 {_gallery(worst_normal, samples, scores, maps, masks, flagged, size, vmin, vmax)}
 <h2>Defective images with the lowest scores</h2>
 <p class="note">The missed defects, if any, come first; ground truth outlined in green.</p>
