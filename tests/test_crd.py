@@ -237,20 +237,32 @@ def test_bad_settings_are_refused_by_name(gear, override, message):
 
 
 @pytest.mark.slow
-def test_auto_lambda_never_reads_test_data(gear, tmp_path):
-    """λ is chosen with the test images gone from disk: reading any of them would raise."""
-    import shutil
+def test_auto_lambda_never_reads_test_data(gear, tmp_path, monkeypatch):
+    """Every file opened while λ is chosen is recorded (builtins.open and PIL): none is a test image."""
+    import builtins
+
+    import PIL.Image
 
     from jaxad import pipeline
 
-    copy = tmp_path / "gear"
-    shutil.copytree(gear.root, copy)
-    dataset = open_dataset(copy)
-    shutil.rmtree(copy / "test")
-    shutil.rmtree(copy / "ground_truth", ignore_errors=True)
+    opened: list[str] = []
+
+    def recording(original):
+        def wrapper(file, *args, **kwargs):
+            opened.append(str(file))
+            return original(file, *args, **kwargs)
+        return wrapper
+
     config = _config(position="blocks", position_blocks=2)
-    config.data, config.workdir = str(copy), str(tmp_path / "w")
-    state, _ = pipeline.fit(config, dataset, backbones.load(config.backbone))
+    config.data, config.workdir = str(gear.root), str(tmp_path / "w")
+    bb = backbones.load(config.backbone)
+    monkeypatch.setattr(builtins, "open", recording(builtins.open))
+    monkeypatch.setattr(PIL.Image, "open", recording(PIL.Image.open))
+    state, _ = pipeline.fit(config, gear, bb)
+    monkeypatch.undo()
+    test_files = {str(s.path) for s in gear.test} | {str(m) for s in gear.test for m in s.mask_paths}
+    assert {str(s.path) for s in gear.train} <= set(opened)  # the recording sees the reads
+    assert not test_files & set(opened), sorted(test_files & set(opened))
     assert float(state["lam"]) in config.lam_candidates
     curve = np.asarray(state["lam_curve"])
     assert curve.shape == (len(config.lam_candidates), 3) and (0 <= curve[:, 1:]).all() and (curve[:, 1:] <= 1).all()
