@@ -7,7 +7,7 @@ of the grid) or ``location`` (one per grid cell; refused when the Grams would ex
 λ: ``lam_mode='trace'`` scales λ by trace(G)/d, so the same value means the same for any number of
 patches and feature scale (``'absolute'`` is the paper's λ on Σ f fᵀ: with these features its λ=5
 is ~1e-4 of G's smallest eigenvalue and changes nothing). ``lam='auto'`` picks one of
-``lam_candidates`` on synthetic anomalies pasted into every k-th training image (k = 1/lam_heldout),
+``lam_candidates`` on synthetic anomalies pasted into every k-th training image (k = 1/lam_heldout, from the second),
 never on test data; or give a number, e.g. ``--config.lam=0.1``.
 """
 

@@ -271,6 +271,19 @@ def test_auto_lambda_never_reads_test_data(gear, tmp_path, monkeypatch):
     assert state["n"] == 8 * 8 * 8  # held-out images were added back: every training patch counts
 
 
+def test_hold_out_keeps_the_first_image_and_takes_one_of_two():
+    images = np.minimum(np.arange(16), 14).astype(np.float32)[:, None, None, None] * np.ones((16, 2, 2, 3), np.float32)
+    batches = [Batch(images[s : s + 4], None, np.zeros(4, np.int32), np.arange(s, s + 4) < 15, ()) for s in range(0, 16, 4)]
+    kept: list = []
+    out = list(crd_method._hold_out(batches, 7, kept))
+    trained = np.concatenate([b.images[b.valid][:, 0, 0, 0] for b in out])
+    assert [float(k[0, 0, 0]) for k in kept] == [1.0, 8.0]
+    assert sorted(trained.tolist()) == [i for i in range(15) if i not in (1, 8)]
+    kept2: list = []
+    list(crd_method._hold_out(batches[:1], 7, kept2))
+    assert len(kept2) == 1
+
+
 def test_weighted_auroc_matches_the_pairwise_definition():
     rng = np.random.default_rng(9)
     s = rng.normal(size=40).round(1)  # with ties

@@ -86,12 +86,13 @@ def check_config(config: ml_collections.ConfigDict, backbone: Backbone) -> tuple
 
 
 def _hold_out(batches: Iterable[Batch], every: int, kept: list[np.ndarray]) -> Iterator[Batch]:
-    """The batches with every ``every``-th valid image marked invalid; those images go to ``kept``."""
+    """The batches with valid images 1, 1 + every, 1 + 2·every, ... marked invalid; those images go to
+    ``kept``. The first image always trains (it seeds the statistics) and any set of two images holds one out."""
     seen = 0
     for batch in batches:
         valid = np.asarray(batch.valid).copy()
         for i in np.flatnonzero(valid):
-            if seen % every == every - 1:
+            if seen % every == 1:
                 kept.append(np.asarray(batch.images[i]))
                 valid[i] = False
             seen += 1
@@ -173,7 +174,7 @@ def fit(
             state["lam_curve"] = curve
             _write_curve(config, curve)
         elif auto:
-            raise ConfigError("--config.lam=auto: the training set is too small to hold out an image; give a number")
+            raise ConfigError("--config.lam=auto: one training image cannot be split to choose λ; give a number")
         else:
             lam = lam_value(config)
         final.lam = str(lam)
