@@ -306,7 +306,7 @@ def test_topk_mean_image_score_and_inactive_lambda_warning(gear):
 
 @pytest.mark.slow
 def test_fit_sharded_over_eight_devices_equals_one_device():
-    """Every protocol distance (CRD by position with auto λ, kernel CRD, the Gaussian) fits to the
+    """Every protocol distance (CRD by position, blocks with auto λ, kernel CRD, the Gaussian) fits to the
     same params with the batch split over 8 fake CPU devices (one psum) as on one device.
 
     Runs in a fresh process: the number of CPU devices is fixed when JAX starts.
@@ -330,8 +330,8 @@ def test_fit_sharded_over_eight_devices_equals_one_device():
                 valid = np.array([True] * 7 + [False])  # a padded last image must not count
                 yield Batch(images, None, np.zeros(8, np.int32), valid, tuple(map(str, range(8))))
         data = list(batches())
-        for variant in (["position=location"], ["position=blocks", "position_blocks=2"],
-                        ["distance=kernel_crd", "rff_dim=256"], ["distance=mahalanobis"]):
+        for variant in (["position=location", "lam=0.1"], ["position=blocks", "position_blocks=2"],
+                        ["distance=kernel_crd", "rff_dim=256", "lam=0.1"], ["distance=mahalanobis"]):
             config = apply_overrides(base, ["--config.image_size=64", "--config.batch_size=8", *("--config." + v for v in variant)])
             eight = crd.fit(config, data, bb, mesh=parallel.batch_mesh())
             one = crd.fit(config, data, bb, mesh=parallel.batch_mesh(jax.devices()[:1]))
