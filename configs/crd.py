@@ -1,9 +1,14 @@
 """CRD with the bundled EfficientNet-Lite0 (real ImageNet weights, no setup).
 
-λ: ``lam_mode='absolute'`` is the paper (λ=5 on G = Σ f fᵀ of raw features). Because G grows
-with the number of training patches, the same λ regularises a 50-image and a 500-image category
-differently; ``lam_mode='trace'`` (λ · trace(G)/d) and ``'per_patch'`` (λ · n) are scale-free
-alternatives, e.g. ``--config.lam_mode=trace --config.lam=1e-3``.
+distance: any protocol distance of jaxad/distances (``crd``, ``kernel_crd``, ``mahalanobis``, or one
+you add). position: ``global`` (the paper: one M), ``blocks`` (one M per ``position_blocks``² tile
+of the grid) or ``location`` (one per grid cell; refused when the Grams would exceed 2 GiB).
+
+λ: ``lam_mode='trace'`` scales λ by trace(G)/d, so the same value means the same for any number of
+patches and feature scale (``'absolute'`` is the paper's λ on Σ f fᵀ: with these features its λ=5
+is ~1e-4 of G's smallest eigenvalue and changes nothing). ``lam='auto'`` picks one of
+``lam_candidates`` on synthetic anomalies pasted into every k-th training image (k = 1/lam_heldout, from the second),
+never on test data; or give a number, e.g. ``--config.lam=0.1``.
 """
 
 import ml_collections
@@ -18,8 +23,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.taps = ("stage2", "stage4")  # stride 8 (40 ch) and stride 16 (112 ch): d = 152
     c.aggregate = 3  # k×k local average of each tap before concatenation (1 = off)
     c.image_size = 256
-    c.lam = 5.0
-    c.lam_mode = "absolute"
+    c.distance = "crd"
+    c.position = "global"  # global | blocks | location
+    c.position_blocks = 8  # K for position=blocks: K×K tiles of the feature grid
+    c.lam = "auto"  # 'auto' or a positive number (a string on the command line either way)
+    c.lam_mode = "trace"  # absolute | trace | per_patch
+    c.lam_candidates = (1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
+    c.lam_heldout = 0.15  # fraction of training images held out to choose λ, then added back
+    c.rff_dim = 1024  # kernel_crd: random Fourier features
+    c.rff_scale = 1.0  # kernel_crd: bandwidth = this × the median patch distance
+    c.reg = 0.01  # mahalanobis: ε·I added to every covariance
+    c.image_score = "max"  # max (the paper) | topk_mean
+    c.image_topk = 10  # patches averaged by topk_mean
     c.blur_sigma = 4.0
     c.batch_size = 16
     c.seed = 0

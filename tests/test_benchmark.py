@@ -76,7 +76,7 @@ def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
 def test_few_shot_configs_subsample_the_training_set(tmp_path):
     configs = harness.few_shot(harness.variants(["crd"], ["wide:lam=2"], CONFIGS_DIR), [3, 0])
     assert sorted(configs) == [("crd", "n=3"), ("crd", "n=all"), ("crd", "wide n=3"), ("crd", "wide n=all")]
-    assert configs[("crd", "wide n=3")].train_images == 3 and configs[("crd", "wide n=3")].lam == 2
+    assert configs[("crd", "wide n=3")].train_images == 3 and configs[("crd", "wide n=3")].lam == "2"
     assert harness.few_shot_base("wide n=3") == "wide" and harness.few_shot_base("n=all") == ""
     root = synthetic.generate(tmp_path / "data", seed=3, categories=["gear"], image_size=64,
                               n_train=6, n_test_good=1, n_per_defect=1) / "gear"

@@ -16,8 +16,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_overrides_keep_types():
     c = load_config(config_path("crd", CONFIGS))
-    c = apply_overrides(c, ["--config.lam=3", "--config.taps=('stage1','stage2')", "--config.lam_mode=trace", "--config.aggregate=1"])
-    assert c.lam == 3.0 and isinstance(c.lam, float)
+    c = apply_overrides(c, ["--config.lam=3", "--config.blur_sigma=3", "--config.taps=('stage1','stage2')", "--config.lam_mode=trace", "--config.aggregate=1"])
+    assert c.lam == "3" and c.blur_sigma == 3.0 and isinstance(c.blur_sigma, float)  # lam is "auto" or a number
     assert c.taps == ("stage1", "stage2")
     assert c.lam_mode == "trace" and c.aggregate == 1
 

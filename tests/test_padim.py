@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from test_pipeline import CONFIGS_DIR, ROOT, SMALL, run_script
@@ -14,18 +15,21 @@ from test_pipeline import CONFIGS_DIR, ROOT, SMALL, run_script
 from jaxad import backbones, features
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.data import iterate_batches, open_dataset, synthetic
-from jaxad.distances import mahalanobis
+from jaxad.distances import mahalanobis, protocol
 from jaxad.errors import ConfigError
 from jaxad.methods import padim
 
 
-def _streamed(f: np.ndarray, valid: np.ndarray, batch: int, reg: float):
-    shift = mahalanobis.masked_mean(jnp.asarray(f[:batch]), jnp.asarray(valid[:batch]))
-    total = None
+GAUSSIAN = ml_collections.ConfigDict({"position": "location", "position_blocks": 1, "reg": 0.01})
+
+
+def _streamed(f: np.ndarray, valid: np.ndarray, batch: int) -> mahalanobis.Stats:
+    stats = mahalanobis.init(GAUSSIAN, jnp.asarray(f[:batch][valid[:batch]]))
+    total = protocol.zero_sums(stats)
     for s in range(0, len(f), batch):
-        m = mahalanobis.moments(jnp.asarray(f[s : s + batch]), jnp.asarray(valid[s : s + batch]), shift)
-        total = m if total is None else mahalanobis.add(total, m)
-    return mahalanobis.gaussians(total, shift, reg)
+        inc = mahalanobis.update(protocol.zero_sums(stats), jnp.asarray(f[s : s + batch]), jnp.asarray(valid[s : s + batch]))
+        total = protocol.add(total, inc.sums)
+    return total
 
 
 def test_streamed_gaussians_and_distances_match_numpy():
@@ -33,21 +37,25 @@ def test_streamed_gaussians_and_distances_match_numpy():
     # a large common offset: plain float32 sums of squares would cancel badly here
     f = (100.0 + 0.5 * rng.normal(size=(11, 3, 4, 6))).astype(np.float32)
     valid = np.array([True] * 9 + [False] * 2)  # the last batch is padded
-    mean, chol = _streamed(f, valid, batch=4, reg=0.01)
+    stats = _streamed(f, valid, batch=4)
+    mean, chol = mahalanobis.gaussians(stats, 0.01)
     x = f[valid].reshape(9, 12, 6).astype(np.float64)
     np.testing.assert_allclose(mean, x.mean(0), atol=1e-4)
     covs = np.stack([np.cov(x[:, l].T) + 0.01 * np.eye(6) for l in range(12)])
-    np.testing.assert_allclose(np.asarray(chol) @ np.swapaxes(np.asarray(chol), 1, 2), covs, atol=2e-4)
+    np.testing.assert_allclose(chol @ np.swapaxes(chol, 1, 2), covs, atol=2e-4)
+    params = mahalanobis.finalize(stats, GAUSSIAN)
+    whiten = np.swapaxes(np.asarray(params["whiten_t"], np.float64), 1, 2)
+    np.testing.assert_allclose(whiten @ covs @ np.swapaxes(whiten, 1, 2), np.broadcast_to(np.eye(6), covs.shape), atol=2e-3)
     q = (100.0 + 0.5 * rng.normal(size=(2, 3, 4, 6))).astype(np.float32)
     r = q.reshape(2, 12, 6) - x.mean(0)
     ref = np.sqrt(np.einsum("bld,bld->bl", r, np.stack([np.linalg.solve(covs, r[b][..., None])[..., 0] for b in range(2)])))
-    np.testing.assert_allclose(np.asarray(mahalanobis.distance(jnp.asarray(q), mean, chol)).reshape(2, 12), ref, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(mahalanobis.score(params, jnp.asarray(q))).reshape(2, 12), ref, rtol=1e-4)
 
 
 def test_fewer_images_than_channels_still_factorises():
     f = np.random.default_rng(1).normal(size=(3, 2, 2, 20)).astype(np.float32)
-    _, chol = _streamed(f, np.ones(3, bool), batch=3, reg=0.01)
-    assert np.isfinite(np.asarray(chol)).all()
+    _, chol = mahalanobis.gaussians(_streamed(f, np.ones(3, bool), batch=3), 0.01)
+    assert np.isfinite(chol).all()
 
 
 def test_resize_nearest_follows_the_floor_rule():
@@ -63,16 +71,18 @@ def test_sharded_moments_over_eight_devices_equal_one_device():
         import jax, numpy as np
         jax.config.update("jax_num_cpu_devices", 8)
         import jax.numpy as jnp
+        import ml_collections
         from jaxad.runtime import parallel
-        from jaxad.distances import mahalanobis
+        from jaxad.distances import mahalanobis, protocol
         f = np.random.default_rng(0).normal(size=(16, 2, 3, 5)).astype(np.float32)
         valid = np.arange(16) < 13
-        shift = jnp.zeros((6, 5), jnp.float32)
-        fn = lambda s, b: mahalanobis.moments(b[0], b[1], s)
+        config = ml_collections.ConfigDict({"position": "location", "position_blocks": 1})
+        zero = mahalanobis.init(config, jnp.asarray(f[:4]))
+        fn = lambda ctx, b: mahalanobis.update(protocol.Stats(ctx, zero.sums), b[0], b[1]).sums
         mesh = parallel.batch_mesh()
-        m8 = jax.jit(parallel.summed_over_batch(fn, mesh))(shift, parallel.shard_batch((f, valid), mesh))
-        m1 = mahalanobis.moments(jnp.asarray(f), jnp.asarray(valid), shift)
-        for a, b in zip(m8, m1):
+        m8 = jax.jit(parallel.summed_over_batch(fn, mesh))(zero.context, parallel.shard_batch((f, valid), mesh))
+        m1 = mahalanobis.update(zero, jnp.asarray(f), jnp.asarray(valid)).sums
+        for a, b in zip(jax.tree.leaves(m8), jax.tree.leaves(m1)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
         print("OK", len(jax.devices()))
         """
@@ -109,8 +119,8 @@ def test_fit_state_is_the_gaussian_of_the_training_features(gear):
     np.testing.assert_allclose(np.asarray(state["mean"]), x.mean(0), rtol=1e-4, atol=1e-4)
     l = 37
     cov = np.cov(x[:, l].T) + config.reg * np.eye(30)
-    chol = np.asarray(state["chol"][l], np.float64)
-    np.testing.assert_allclose(chol @ chol.T, cov, rtol=1e-3, atol=1e-3 * np.abs(cov).max())
+    whiten = np.asarray(state["whiten_t"][l], np.float64).T  # L⁻¹: whitens the location's covariance
+    np.testing.assert_allclose(whiten @ cov @ whiten.T, np.eye(30), atol=1e-2)
 
 
 def test_too_many_channels_is_a_config_error(gear):

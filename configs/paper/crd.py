@@ -15,6 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
     c = load_config(Path(__file__).parents[1] / "crd.py")
     c.backbone = "wide_resnet50_2"
     c.taps = ("layer2", "layer3")
-    c.lam, c.lam_mode = 5.0, "absolute"
+    c.lam, c.lam_mode = "5.0", "absolute"  # the paper's λ, on Σ f fᵀ of raw features
     c.image_size = 256
     return c

@@ -164,3 +164,11 @@ def synthesize(key: jax.Array, image: jax.Array, allowed: jax.Array, textures: j
     beta = 0.5 + 0.5 * u[2]
     m = mask[..., None]
     return (1 - m) * image + m * (beta * source + (1 - beta) * image), mask
+
+
+def paste(key: jax.Array, images: jax.Array, textures: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One synthetic anomaly in each of ``images`` [B, H, W, 3] (anywhere in the image) →
+    (images, masks [B, H, W]); for choosing settings on held-out normal images without test data."""
+    allowed = jnp.ones(images.shape[1:3], bool)
+    synth = jax.vmap(lambda k, im: synthesize(k, im, allowed, textures, p_anomaly=1.0))
+    return compilation.jit(synth)(jax.random.split(key, images.shape[0]), images)

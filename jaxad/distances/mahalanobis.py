@@ -1,69 +1,96 @@
-"""Per-location Gaussians: streamed moments, a Cholesky factor per location, Mahalanobis maps.
+"""Gaussians of patch features: streamed moments per position group, whitening, Mahalanobis maps.
 
-PaDiM models the patch feature at every grid location as its own Gaussian. The covariances of a
-full grid are too large to build from stored features (WRN50: 64×64 locations × 550² ≈ 5 GB in
-float32), so the fit only accumulates sums. Sums are taken about a per-location shift close to
-the mean (the first batch's mean): that keeps the float32 sums of squares from cancelling
-catastrophically, and a shifted sum is still a plain sum, so device shards add up with one psum.
+PaDiM models the patch feature at every grid location as its own Gaussian (``position='location'``);
+``position='global'`` is one Gaussian for all patches. The covariances of a full grid are too large
+to build from stored features (WRN50: 64×64 locations × 550² ≈ 5 GB in float32), so the fit only
+accumulates sums, about a per-group shift close to the mean (the first batch's mean): that keeps
+the float32 sums of squares from cancelling catastrophically, and a shifted sum is still a plain
+sum, so device shards add up with one psum. The fit ends with a whitening matrix W = L⁻¹ per group
+(L the Cholesky factor of the covariance, W from a triangular solve, once), so scoring is one
+batched contraction ‖W(x − μ)‖, no solve per query.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from jax.scipy.linalg import solve_triangular
+import scipy.linalg
+
+from jaxad.distances import protocol
+from jaxad.distances.protocol import Stats
+from jaxad.errors import NumericsError
 
 
-class Moments(NamedTuple):
-    """Sums about ``shift`` at each of L locations: count n, Σ(x−shift) [L, d], Σ(x−shift)(x−shift)ᵀ [L, d, d]."""
-
-    n: jax.Array
-    s1: jax.Array
-    s2: jax.Array
-
-
-def masked_mean(f: jax.Array, valid: jax.Array) -> jax.Array:
-    """Per-location mean over the valid images of a batch: [B, h, w, d] → [h·w, d]."""
-    w = valid.astype(f.dtype)[:, None, None, None]
-    return (jnp.sum(f * w, axis=0) / jnp.maximum(jnp.sum(w), 1.0)).reshape(-1, f.shape[-1])
-
-
-def moments(f: jax.Array, valid: jax.Array, shift: jax.Array) -> Moments:
-    """The sums one batch adds: f [B, h, w, d], valid [B] (padded rows add nothing), shift [h·w, d]."""
-    x = (f.reshape(f.shape[0], -1, f.shape[-1]) - shift) * valid.astype(f.dtype)[:, None, None]
-    s2 = jnp.einsum("bld,ble->lde", x, x, precision=jax.lax.Precision.HIGHEST)
-    return Moments(jnp.sum(valid).astype(jnp.float32), jnp.sum(x, axis=0), s2)
+def init(config: ml_collections.ConfigDict, sample: jax.Array) -> Stats:
+    """Zero moments per group, about the sample's per-group mean."""
+    grid = tuple(sample.shape[1:3])
+    protocol.check_position(config, grid)
+    groups = protocol.num_groups(config, grid)
+    group = jnp.asarray(protocol.cell_groups(config, grid))
+    d = sample.shape[-1]
+    cells = jax.ops.segment_sum(jnp.ones(group.shape, jnp.float32), group, groups)
+    count = jnp.maximum(sample.shape[0] * cells, 1.0)[:, None]
+    shift = protocol.grouped_sum(sample.astype(jnp.float32), group, groups) / count
+    sums = {"n": jnp.zeros((groups,), jnp.float32), "s1": jnp.zeros((groups, d), jnp.float32),
+            "s2": jnp.zeros((groups, d, d), jnp.float32)}
+    return Stats({"group": group, "shift": shift}, sums)
 
 
-def add(a: Moments, b: Moments) -> Moments:
-    return Moments(*(x + y for x, y in zip(a, b)))
+def update(stats: Stats, features: jax.Array, valid: jax.Array) -> Stats:
+    """Add the valid images' count, Σ(x − shift) and Σ(x − shift)(x − shift)ᵀ to each group."""
+    group, shift = stats.context["group"], stats.context["shift"]
+    groups, (b, h, w, d) = shift.shape[0], features.shape
+    v = valid.astype(jnp.float32)
+    x = (features.astype(jnp.float32).reshape(b, h * w, d) - shift[group]) * v[:, None, None]
+    x = x.reshape(b, h, w, d)
+    cells = jax.ops.segment_sum(jnp.ones(group.shape, jnp.float32), group, groups)
+    s = stats.sums
+    return Stats(stats.context, {"n": s["n"] + jnp.sum(v) * cells,
+                                 "s1": s["s1"] + protocol.grouped_sum(x, group, groups),
+                                 "s2": s["s2"] + protocol.grouped_outer(x, group, groups)})
 
 
-def gaussians(m: Moments, shift: jax.Array, reg: float) -> tuple[jax.Array, jax.Array]:
-    """(mean [L, d], lower Cholesky factor [L, d, d]) of the unbiased covariance + ``reg``·I.
+def gaussians(stats: Stats, reg: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [P, d], lower Cholesky factor [P, d, d]) of the unbiased covariance + ``reg``·I, float64.
 
     ``reg`` > 0 keeps every factor defined even with fewer images than channels (rank-deficient
     sample covariance), which is the usual case for small categories.
     """
-    n = m.n
-    centred = m.s1 / n
-    cov = (m.s2 - n * centred[:, :, None] * centred[:, None, :]) / jnp.maximum(n - 1.0, 1.0)
-    cov = 0.5 * (cov + jnp.swapaxes(cov, 1, 2)) + reg * jnp.eye(cov.shape[-1], dtype=cov.dtype)
-    return shift + centred, jnp.linalg.cholesky(cov)
+    n = np.asarray(stats.sums["n"], np.float64)
+    centred = np.asarray(stats.sums["s1"], np.float64) / n[:, None]
+    s2 = np.asarray(stats.sums["s2"], np.float64)
+    cov = (s2 - n[:, None, None] * centred[:, :, None] * centred[:, None, :]) / np.maximum(n - 1.0, 1.0)[:, None, None]
+    cov = 0.5 * (cov + np.swapaxes(cov, 1, 2)) + reg * np.eye(cov.shape[-1])
+    try:
+        chol = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        raise NumericsError(f"covariance not positive definite in some group; raise --config.reg (now {reg})") from None
+    return np.asarray(stats.context["shift"], np.float64) + centred, chol
 
 
-def distance(f: jax.Array, mean: jax.Array, chol: jax.Array) -> jax.Array:
-    """Mahalanobis distance of f [B, h, w, d] to the Gaussian of its location → [B, h, w].
+def finalize(stats: Stats, config: ml_collections.ConfigDict) -> dict:
+    """Mean and whitening matrix Wᵀ = (L⁻¹)ᵀ per group, so a score is one contraction."""
+    mean, chol = gaussians(stats, config.reg)
+    whiten = scipy.linalg.solve_triangular(chol, np.broadcast_to(np.eye(chol.shape[-1]), chol.shape), lower=True)
+    return {"group": stats.context["group"], "mean": jnp.asarray(mean, jnp.float32),
+            "whiten_t": jnp.asarray(np.swapaxes(whiten, 1, 2), jnp.float32)}
 
-    ‖L⁻¹(x − μ)‖ by one batched triangular solve per location (no explicit inverse).
-    """
-    b, h, w, d = f.shape
-    diff = jnp.transpose(f.reshape(b, h * w, d) - mean, (1, 2, 0))  # [L, d, B]
-    z = solve_triangular(chol, diff, lower=True)
-    return jnp.sqrt(jnp.sum(z * z, axis=1)).T.reshape(b, h, w)
+
+def score(params: dict, features: jax.Array) -> jax.Array:
+    """Mahalanobis distance ‖W(x − μ)‖ of every patch to its group's Gaussian → [B, h, w]."""
+    b, h, w, d = features.shape
+    x = features.astype(jnp.float32).reshape(b, h * w, d) - params["mean"][params["group"]]
+    z = protocol.apply_per_cell(params["whiten_t"], params["group"], x.reshape(b, h, w, d))
+    return jnp.sqrt(jnp.sum(jnp.square(z), axis=-1))
+
+
+def stats_bytes(config: ml_collections.ConfigDict, d: int, grid: tuple[int, int]) -> int:
+    return protocol.num_groups(config, grid) * d * d * 4
+
+
+DISTANCE = protocol.Distance(init, update, finalize, score, stats_bytes)
 
 
 def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,13 +1,25 @@
-"""CRD as a method: stream the training set into G, solve once for M, score with one matmul.
+"""CRD as a method: stream the training set into per-group statistics, finalize once, score with
+one batched contraction. Any protocol distance runs here (``config.distance``, default ``crd``).
 
-State: ``{'M': (d, d) float32, 'G': (d, d) float64, 'n': patches seen, 'lam': λ used}`` (G and n are kept so a fit
-can be extended with more normal images and λ changed without re-reading the data). At predict
-time the backbone's variables travel in ``state['backbone']``.
+λ: a number, or ``auto``: the training stream holds out every k-th image (``lam_heldout``), pastes
+one synthetic anomaly (:func:`jaxad.data.anomalies.paste`) into each, and picks among
+``lam_candidates`` the λ whose scores best separate them from the clean held-out images (mean of
+image AUROC and patch AUROC), all candidates from one eigendecomposition in one compiled call.
+The held-out images are then added to the statistics. No test image is read.
+
+State: the distance's params (CRD: ``M`` [P, d, d] and the cell → group map ``group``), plus for the
+CRD distances ``lam`` (the chosen value in ``lam_mode``), ``lam_effective`` (median over groups),
+``lam_ratio`` (median of effective λ / smallest eigenvalue of G) and with ``auto`` the
+``lam_curve`` [K, 3]: candidate, image AUROC, patch AUROC on the synthetic anomalies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +28,15 @@ import numpy as np
 
 from jaxad import features, postprocess
 from jaxad.backbones import Backbone
-from jaxad.config import require_positive
-from jaxad.data import Batch
-from jaxad.distances import crd
-from jaxad.errors import ConfigError, NumericsError
+from jaxad.config import require_at_least, require_between
+from jaxad.data import Batch, anomalies
+from jaxad.distances import crd, protocol
+from jaxad.errors import ConfigError
 from jaxad.runtime import compilation, parallel
+
+LAM_DISTANCES = ("crd", "kernel_crd")  # distances whose finalize reads λ
+IMAGE_SCORES = ("max", "topk_mean")
+INACTIVE_RATIO = 1e-3  # λ below this fraction of G's smallest eigenvalue changes no ranking
 
 
 def patch_features(config: ml_collections.ConfigDict, backbone: Backbone, variables, images: jax.Array) -> jax.Array:
@@ -29,15 +45,104 @@ def patch_features(config: ml_collections.ConfigDict, backbone: Backbone, variab
     return features.embed(maps, tuple(config.taps), config.aggregate)
 
 
-def _gram_step(config: ml_collections.ConfigDict, backbone: Backbone, mesh: jax.sharding.Mesh) -> Callable:
-    def shard_gram(variables, batch):
-        images, valid = batch
-        f = patch_features(config, backbone, variables, images)
-        f = f * valid[:, None, None, None].astype(f.dtype)  # padded images add nothing
-        n = jnp.sum(valid) * f.shape[1] * f.shape[2]
-        return crd.gram(f), n.astype(jnp.float32)
+def lam_value(config: ml_collections.ConfigDict) -> float | str:
+    """``config.lam`` as a positive float, or ``'auto'``."""
+    raw = str(config.lam).strip()
+    if raw == "auto":
+        return raw
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"--config.lam={raw}: expected a positive number or 'auto'") from None
+    if not 0 < value < np.inf:
+        raise ConfigError(f"--config.lam={raw}: must be in (0.0, inf)")
+    return value
 
-    return compilation.jit(parallel.summed_over_batch(shard_gram, mesh))
+
+def check_config(config: ml_collections.ConfigDict, backbone: Backbone) -> tuple[int, tuple[int, int]]:
+    """Every CRD setting, before any work; returns the feature dimension and grid."""
+    distance = protocol.get(config.distance)
+    if config.lam_mode not in crd.LAM_MODES:
+        raise ConfigError(f"--config.lam_mode={config.lam_mode}: choose one of {', '.join(crd.LAM_MODES)}")
+    if config.distance in LAM_DISTANCES and lam_value(config) == "auto":
+        if config.lam_mode == "absolute":
+            raise ConfigError("--config.lam=auto: candidates are relative; use --config.lam_mode=trace or per_patch")
+        if not config.lam_candidates or not all(isinstance(c, float | int) and c > 0 for c in config.lam_candidates):
+            raise ConfigError(f"--config.lam_candidates={config.lam_candidates}: expected positive numbers")
+        require_between(config, "lam_heldout", 0.0, 0.5, high_closed=True)
+    if config.image_score not in IMAGE_SCORES:
+        raise ConfigError(f"--config.image_score={config.image_score}: choose one of {', '.join(IMAGE_SCORES)}")
+    require_at_least(config, 1, "image_topk", "position_blocks", "rff_dim")
+    require_between(config, "rff_scale", 0.0, np.inf)
+    require_at_least(config, 0, "reg")
+    size = config.image_size
+    shape = (1, *((size, size) if isinstance(size, int) else size), 3)
+    f = jax.eval_shape(lambda v, x: patch_features(config, backbone, v, x), backbone.variables,
+                       jax.ShapeDtypeStruct(shape, jnp.float32))
+    d, grid = f.shape[-1], tuple(f.shape[1:3])
+    protocol.check_position(config, grid)
+    protocol.check_memory(config, distance, d, grid)
+    return d, grid
+
+
+def _hold_out(batches: Iterable[Batch], every: int, kept: list[np.ndarray]) -> Iterator[Batch]:
+    """The batches with valid images 1, 1 + every, 1 + 2·every, ... marked invalid; those images go to
+    ``kept``. The first image always trains (it seeds the statistics) and any set of two images holds one out."""
+    seen = 0
+    for batch in batches:
+        valid = np.asarray(batch.valid).copy()
+        for i in np.flatnonzero(valid):
+            if seen % every == 1:
+                kept.append(np.asarray(batch.images[i]))
+                valid[i] = False
+            seen += 1
+        yield Batch(batch.images, batch.masks, batch.labels, valid, batch.paths)
+
+
+def weighted_auroc(scores: jax.Array, positive: jax.Array, negative: jax.Array) -> jax.Array:
+    """P(score of a positive > score of a negative) over the flagged entries, ties counting half."""
+    s = jnp.sort(jnp.where(negative, scores, jnp.inf))
+    lt = jnp.searchsorted(s, scores, side="left")  # negatives strictly below each score
+    le = jnp.searchsorted(s, scores, side="right")
+    wins = jnp.sum(positive * (lt + 0.5 * (le - lt)))
+    return wins / jnp.maximum(jnp.sum(positive) * jnp.sum(negative), 1)
+
+
+def _selection(context: dict, w, V, lams, f_normal, f_anomalous, coverage):
+    """Image and patch AUROC [K] of every candidate on clean vs pasted held-out images."""
+    s_n = crd.candidate_scores(context, w, V, lams, f_normal)  # [K, N, h, w]
+    s_a = crd.candidate_scores(context, w, V, lams, f_anomalous)
+    k = s_n.shape[0]
+    has = jnp.max(coverage, axis=(1, 2)) > 0
+    img = jnp.concatenate([jnp.max(s_n, axis=(2, 3)), jnp.max(s_a, axis=(2, 3))], axis=1)
+    img_pos = jnp.concatenate([jnp.zeros(s_n.shape[1], bool), has])
+    img_neg = jnp.concatenate([jnp.ones(s_n.shape[1], bool), jnp.zeros(s_a.shape[1], bool)])
+    patch = jnp.concatenate([s_n.reshape(k, -1), s_a.reshape(k, -1)], axis=1)
+    patch_pos = jnp.concatenate([jnp.zeros(s_n[0].size, bool), coverage.reshape(-1) >= 0.5])
+    patch_neg = jnp.concatenate([jnp.ones(s_n[0].size, bool), jnp.zeros(s_a[0].size, bool)])
+    image_auroc = jax.vmap(weighted_auroc, in_axes=(0, None, None))(img, img_pos, img_neg)
+    patch_auroc = jax.vmap(weighted_auroc, in_axes=(0, None, None))(patch, patch_pos, patch_neg)
+    return image_auroc, patch_auroc
+
+
+def select_lam(config: ml_collections.ConfigDict, stats: protocol.Stats, extract: Callable,
+               held: np.ndarray, f_normal: jax.Array) -> tuple[float, np.ndarray]:
+    """The candidate λ (in ``lam_mode``) that best separates held-out images from their pasted-anomaly
+    copies; returns it and the curve [K, 3] (λ, image AUROC, patch AUROC)."""
+    key = jax.random.key(config.seed)
+    textures = anomalies.texture_bank(jax.random.fold_in(key, 1), 8, held.shape[1])
+    pasted, masks = anomalies.paste(jax.random.fold_in(key, 2), jnp.asarray(held), textures)
+    f_anomalous = jnp.concatenate(compilation.in_fixed_batches(extract, pasted, config.batch_size))
+    grid = f_normal.shape[1:3]
+    coverage = jax.image.resize(masks, (masks.shape[0], *grid), "linear", antialias=True)
+    candidates = sorted((float(c) for c in config.lam_candidates), reverse=True)  # ties go to the larger λ
+    w, V = crd.spectrum(stats.sums["G"])
+    lams = np.stack([crd.group_lambda(stats, c, config.lam_mode) for c in candidates])
+    image_auroc, patch_auroc = compilation.jit(_selection)(
+        stats.context, jnp.asarray(w, jnp.float32), jnp.asarray(V, jnp.float32), jnp.asarray(lams, jnp.float32),
+        f_normal, f_anomalous, coverage)
+    curve = np.stack([candidates, np.asarray(image_auroc), np.asarray(patch_auroc)], axis=1)
+    return candidates[int(np.argmax(curve[:, 1] + curve[:, 2]))], curve
 
 
 def fit(
@@ -47,33 +152,64 @@ def fit(
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Accumulate G = Σ f fᵀ over every training patch (sharded over ``mesh``), then M."""
-    if config.lam_mode not in crd.LAM_MODES:
-        raise ConfigError(f"--config.lam_mode={config.lam_mode}: choose one of {', '.join(crd.LAM_MODES)}")
-    require_positive(config, "lam")  # λ ≤ 0 leaves G + λI singular or indefinite
+    """Stream the training patches into the distance's statistics (sharded over ``mesh``), then finalize."""
+    check_config(config, backbone)
+    distance = protocol.get(config.distance)
     mesh = parallel.batch_mesh() if mesh is None else mesh
-    step = _gram_step(config, backbone, mesh)
-    variables = parallel.replicate(backbone.variables, mesh)
-    G, n = None, 0.0
-    for batch in batches:
-        g, m = step(variables, parallel.shard_batch((batch.images, batch.valid), mesh))
-        g = np.asarray(g, dtype=np.float64)  # the running sum over batches is kept in float64
-        if not np.isfinite(g).all():
-            bad = ", ".join(str(p) for p, v in zip(batch.paths, batch.valid) if v)
-            raise NumericsError(f"non-finite features from the backbone on one of: {bad}; check these images")
-        G = g if G is None else G + g
-        n += float(m)
-        if progress is not None:
-            progress(int(np.sum(batch.valid)))
-    if G is None:
-        raise NumericsError("no training batch was seen; the training set is empty")
-    lam = crd.effective_lambda(G, n, config.lam, config.lam_mode)
-    return {"M": crd.matrix(G, lam), "G": G, "n": np.float64(n), "lam": np.float64(lam)}
+    extract = lambda v, x: patch_features(config, backbone, v, x)
+    auto = config.distance in LAM_DISTANCES and lam_value(config) == "auto"
+    held: list[np.ndarray] = []
+    if auto:
+        batches = _hold_out(batches, max(2, round(1 / config.lam_heldout)), held)
+    stats = protocol.stream(distance, config, extract, backbone.variables, batches, mesh, progress)
+    state: dict = {}
+    if config.distance in LAM_DISTANCES:
+        final = ml_collections.ConfigDict(config.to_dict())
+        if auto and held:
+            run = partial(compilation.jit(extract), backbone.variables)
+            f_held = jnp.concatenate(compilation.in_fixed_batches(run, jnp.asarray(np.stack(held)), config.batch_size))
+            lam, curve = select_lam(config, stats, run, np.stack(held), f_held)
+            more = distance.update(protocol.zero_sums(stats), f_held, jnp.ones(len(held), bool)).sums
+            stats = protocol.add(stats, more)
+            state["lam_curve"] = curve
+            _write_curve(config, curve)
+        elif auto:
+            raise ConfigError("--config.lam=auto: one training image cannot be split to choose λ; give a number")
+        else:
+            lam = lam_value(config)
+        final.lam = str(lam)
+        effective = crd.group_lambda(stats, lam, config.lam_mode)
+        smallest = crd.spectrum(stats.sums["G"])[0][:, 0]
+        ratio = float(np.median(np.divide(effective, smallest, out=np.full_like(effective, np.inf), where=smallest > 0)))
+        if ratio < INACTIVE_RATIO:
+            warnings.warn(f"λ = {lam} ({config.lam_mode}) is {ratio:.1e} of G's smallest eigenvalue: it changes no "
+                          "ranking; use --config.lam_mode=trace or a larger λ", stacklevel=2)
+        state.update(lam=np.float64(lam), lam_effective=np.float64(np.median(effective)), lam_ratio=np.float64(ratio))
+        config = final
+    params = distance.finalize(stats, config)
+    return {**params, **state, "n": np.float64(np.sum(stats.sums["n"]))}
+
+
+def _write_curve(config: ml_collections.ConfigDict, curve: np.ndarray) -> None:
+    """lam_curve.json in the run's workdir, when there is one (the pipeline sets ``config.workdir``)."""
+    workdir = config.get("workdir")
+    if workdir:
+        rows = [{"lam": float(r[0]), "image_auroc": float(r[1]), "patch_auroc": float(r[2])} for r in curve]
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        (Path(workdir) / "lam_curve.json").write_text(json.dumps({"lam_mode": config.lam_mode, "curve": rows}, indent=2) + "\n")
+
+
+def image_scores(config: ml_collections.ConfigDict, patch_scores: jax.Array) -> jax.Array:
+    """Max of the patch map (the paper) or the mean of its ``image_topk`` largest patches."""
+    flat = patch_scores.reshape(patch_scores.shape[0], -1)
+    if config.image_score == "max":
+        return jnp.max(flat, axis=1)
+    return jnp.mean(jax.lax.top_k(flat, min(config.image_topk, flat.shape[1]))[0], axis=1)
 
 
 def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); jit with config/backbone bound."""
     f = patch_features(config, backbone, state["backbone"], images)
-    patch_scores = crd.score(state["M"], f)
+    patch_scores = protocol.get(config.distance).score(state, f)
     maps = postprocess.anomaly_maps(patch_scores, images.shape[1:3], config.blur_sigma)
-    return jnp.max(patch_scores, axis=(1, 2)), maps
+    return image_scores(config, patch_scores), maps

@@ -1,10 +1,12 @@
 """PaDiM: a Gaussian per patch location over a fixed random subset of backbone channels.
 
-Fit streams the training set once, accumulating per-location moments (sharded over devices, one
-psum per batch); the state keeps each location's mean and the Cholesky factor of its regularised
-covariance, and a test patch scores its Mahalanobis distance by a triangular solve.
+The per-location Gaussian is the ``mahalanobis`` distance of :mod:`jaxad.distances` with
+``position='location'``: the fit streams the training set once through the protocol's driver
+(per-location moments, sharded over devices, one psum per batch); the state keeps each location's
+mean and whitening matrix (L⁻¹ of the regularised covariance, from a triangular solve at fit time),
+and a test patch's Mahalanobis distance is one batched contraction ‖L⁻¹(x − μ)‖.
 
-State: ``{'channels': (d,) int32, 'mean': (h·w, d), 'chol': (h·w, d, d), 'n': images seen}``.
+State: ``{'channels': (d,) int32, 'group': (h·w,), 'mean': (h·w, d), 'whiten_t': (h·w, d, d), 'n': images seen}``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from jaxad import features, postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_at_least
 from jaxad.data import Batch
-from jaxad.distances import mahalanobis
-from jaxad.errors import ConfigError, NumericsError
-from jaxad.runtime import compilation, parallel
+from jaxad.distances import mahalanobis, protocol
+from jaxad.errors import ConfigError
+from jaxad.runtime import parallel
 
 
 def channel_subset(config: ml_collections.ConfigDict, backbone: Backbone) -> np.ndarray:
@@ -46,6 +48,11 @@ def patch_features(config: ml_collections.ConfigDict, backbone: Backbone, variab
     return jnp.take(f, channels, axis=-1)
 
 
+def gaussian_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The settings the per-location Gaussian reads."""
+    return ml_collections.ConfigDict({"position": "location", "position_blocks": 1, "reg": config.reg})
+
+
 def fit(
     config: ml_collections.ConfigDict,
     batches: Iterable[Batch],
@@ -53,42 +60,20 @@ def fit(
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """One pass: per-location moments about the first batch's mean, then mean and Cholesky factor."""
+    """One pass: per-location moments about the first batch's mean, then mean and whitening matrix."""
     mesh = parallel.batch_mesh() if mesh is None else mesh
     require_at_least(config, 0, "reg")
     channels = channel_subset(config, backbone)
-    extract = compilation.jit(lambda v, x, c: patch_features(config, backbone, v, x, c))
-
-    def shard_moments(replicated, batch):
-        variables, shift = replicated
-        images, valid = batch
-        return mahalanobis.moments(extract(variables, images, channels), valid, shift)
-
-    step = compilation.jit(parallel.summed_over_batch(shard_moments, mesh))
-    variables = parallel.replicate(backbone.variables, mesh)
-    total, shift = None, None
-    for batch in batches:
-        if shift is None:
-            first = extract(backbone.variables, batch.images, channels)
-            shift = mahalanobis.masked_mean(first, jnp.asarray(batch.valid))
-        m = step((variables, parallel.replicate(shift, mesh)), parallel.shard_batch((batch.images, batch.valid), mesh))
-        if not bool(jnp.isfinite(m.s1).all()):
-            bad = ", ".join(str(p) for p, v in zip(batch.paths, batch.valid) if v)
-            raise NumericsError(f"non-finite features from the backbone on one of: {bad}; check these images")
-        total = m if total is None else mahalanobis.add(total, m)
-        if progress is not None:
-            progress(int(np.sum(batch.valid)))
-    if total is None:
-        raise NumericsError("no training batch was seen; the training set is empty")
-    mean, chol = compilation.jit(mahalanobis.gaussians, static_argnums=2)(total, shift, config.reg)
-    if not bool(jnp.isfinite(chol).all()):
-        raise NumericsError(f"covariance not positive definite at some location; raise --config.reg (now {config.reg})")
-    return {"channels": jnp.asarray(channels), "mean": mean, "chol": chol, "n": total.n}
+    extract = lambda v, x: patch_features(config, backbone, v, x, jnp.asarray(channels))
+    gaussian = gaussian_config(config)
+    stats = protocol.stream(mahalanobis.DISTANCE, gaussian, extract, backbone.variables, batches, mesh, progress)
+    params = mahalanobis.finalize(stats, gaussian)
+    return {"channels": jnp.asarray(channels), **params, "n": np.float64(stats.sums["n"][0])}
 
 
 def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); image score = max of the map."""
     f = patch_features(config, backbone, state["backbone"], images, state["channels"])
-    patch_scores = mahalanobis.distance(f, state["mean"], state["chol"])
+    patch_scores = mahalanobis.score(state, f)
     maps = postprocess.anomaly_maps(patch_scores, images.shape[1:3], config.blur_sigma)
     return jnp.max(maps, axis=(1, 2)), maps
