@@ -5,7 +5,12 @@ channels). Lite0's counterpart is ``stage6`` (its last MBConv stage: stride 32, 
 ``head`` (the 1×1 conv to 1280 channels after it, same stride) is the alternative. Any backbone and
 taps work: ``--config.backbone=wide_resnet50_2 --config.taps="('layer4',)"`` is the paper's setup.
 Adapted features keep C' = min(num_channels, patch_size²·C) values per location (stage6: 700 of
-9·320 = 2880); ``feature_sigma`` smooths them over the grid.
+9·320 = 2880); ``feature_sigma`` (in image pixels, σ/stride cells of each tap, at most
+image_size/8) smooths them over the grid.
+
+Two resolutions: the image score comes from ``taps`` (stride 32, the paper's), the pixel map from
+``pixel_taps`` (``stage2``: stride 8, 40 channels, C' = 360) with the same groups, pooling and
+per-group Gaussians; ``pixel_taps=()`` maps from ``taps`` too (the paper's one resolution).
 
 Matching: ``matcher='dense_mnn'`` counts mutual nearest neighbours between the unit-norm
 ``match_tap`` patches of two images (stage4: stride 16, 112 channels, 16×16 = 256 "keypoints" at
@@ -31,10 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.backbone = "efficientnet_lite0"
     c.weights = ""  # empty: the bundled or cached weights of `backbone`; else a .pth/.safetensors path
     c.compute_dtype = "float32"  # or "bfloat16": backbone compute only (BENCHMARKS.md gives its error)
-    c.taps = ("stage6",)  # stride 32, 320 ch: the last stage, as WRN50 layer4 in the paper
+    c.taps = ("stage6",)  # stride 32, 320 ch: the last stage, as WRN50 layer4 in the paper; image score
+    c.pixel_taps = ("stage2",)  # stride 8, 40 ch: the pixel map; () = the map from `taps`
     c.patch_size = 3
     c.num_channels = 700
-    c.feature_sigma = 2.0
+    c.feature_sigma = 8.0  # pixels: one cell of the stride-8 pixel grid, a quarter cell of stage6
     c.shrinkage = "ledoit_wolf"
     c.ridge = 0.01
     c.matcher = "dense_mnn"
