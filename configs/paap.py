@@ -25,6 +25,11 @@ number of match patches). Groups under ``min_group_size`` images are merged into
 kept group.
 
 Covariance: ``shrinkage='ledoit_wolf'`` (default, scale-free) or ``'ridge'`` (S + ridge·I).
+
+``feature_sigma = 0`` was chosen without test images: fitted on a seeded 80 % of the training
+images, scored on the other 20 % with synthetic anomalies (``jaxad.data.anomalies``) pasted in,
+held-out AUPRO fell as σ grew — bottle (167 fitted) 0.661 / 0.655 / 0.634 / 0.598 at σ = 0 / 4 / 8 /
+16 px, magnetic tile (160 fitted) 0.634 / 0.539 at σ = 0 / 8 px; image AUROC did not change.
 """
 
 import ml_collections
@@ -40,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.pixel_taps = ("stage2",)  # stride 8, 40 ch: the pixel map; () = the map from `taps`
     c.patch_size = 3
     c.num_channels = 700
-    c.feature_sigma = 8.0  # pixels: one cell of the stride-8 pixel grid, a quarter cell of stage6
+    c.feature_sigma = 0.0  # pixels (σ/stride cells per tap); 0 = no smoothing, chosen on synthetic anomalies (above)
     c.shrinkage = "ledoit_wolf"
     c.ridge = 0.01
     c.matcher = "dense_mnn"
