@@ -5,7 +5,12 @@ channels). Lite0's counterpart is ``stage6`` (its last MBConv stage: stride 32, 
 ``head`` (the 1×1 conv to 1280 channels after it, same stride) is the alternative. Any backbone and
 taps work: ``--config.backbone=wide_resnet50_2 --config.taps="('layer4',)"`` is the paper's setup.
 Adapted features keep C' = min(num_channels, patch_size²·C) values per location (stage6: 700 of
-9·320 = 2880); ``feature_sigma`` smooths them over the grid.
+9·320 = 2880); ``feature_sigma`` (in image pixels, σ/stride cells of each tap, at most
+image_size/8) smooths them over the grid.
+
+Two resolutions: the image score comes from ``taps`` (stride 32, the paper's), the pixel map from
+``pixel_taps`` (``stage2``: stride 8, 40 channels, C' = 360) with the same groups, pooling and
+per-group Gaussians; ``pixel_taps=()`` maps from ``taps`` too (the paper's one resolution).
 
 Matching: ``matcher='dense_mnn'`` counts mutual nearest neighbours between the unit-norm
 ``match_tap`` patches of two images (stage4: stride 16, 112 channels, 16×16 = 256 "keypoints" at
@@ -20,6 +25,11 @@ number of match patches). Groups under ``min_group_size`` images are merged into
 kept group.
 
 Covariance: ``shrinkage='ledoit_wolf'`` (default, scale-free) or ``'ridge'`` (S + ridge·I).
+
+``feature_sigma = 0`` was chosen without test images: fitted on a seeded 80 % of the training
+images, scored on the other 20 % with synthetic anomalies (``jaxad.data.anomalies``) pasted in,
+held-out AUPRO fell as σ grew — bottle (167 fitted) 0.661 / 0.655 / 0.634 / 0.598 at σ = 0 / 4 / 8 /
+16 px, magnetic tile (160 fitted) 0.634 / 0.539 at σ = 0 / 8 px; image AUROC did not change.
 """
 
 import ml_collections
@@ -31,10 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.backbone = "efficientnet_lite0"
     c.weights = ""  # empty: the bundled or cached weights of `backbone`; else a .pth/.safetensors path
     c.compute_dtype = "float32"  # or "bfloat16": backbone compute only (BENCHMARKS.md gives its error)
-    c.taps = ("stage6",)  # stride 32, 320 ch: the last stage, as WRN50 layer4 in the paper
+    c.taps = ("stage6",)  # stride 32, 320 ch: the last stage, as WRN50 layer4 in the paper; image score
+    c.pixel_taps = ("stage2",)  # stride 8, 40 ch: the pixel map; () = the map from `taps`
     c.patch_size = 3
     c.num_channels = 700
-    c.feature_sigma = 2.0
+    c.feature_sigma = 0.0  # pixels (σ/stride cells per tap); 0 = no smoothing, chosen on synthetic anomalies (above)
     c.shrinkage = "ledoit_wolf"
     c.ridge = 0.01
     c.matcher = "dense_mnn"

@@ -3,11 +3,20 @@
 Fit ("pre-testing phase"): match every pair of training images (``jaxad.distances.matching``), group them
 greedily by match count, and model each group's adapted features by one Gaussian per location.
 Predict: match the test image to every group's lead image, take the best-matching group and score
-each location by the Mahalanobis distance to that group's Gaussian; image score = max of the map.
+each location by the Mahalanobis distance to that group's Gaussian.
 
-Adapted features: the last-stage backbone map → patch-adaptive average pooling (below) →
-Gaussian smoothing σ = ``feature_sigma`` of every adapted channel over the grid (the paper's
-"Gaussian filter σ = 2 smooths the adapted feature maps").
+Two resolutions, one grouping. The image score is the maximum of the map made from ``taps`` (the
+last stage, stride 32, as in the paper, which reports image AUROC only). A stride-32 grid is too
+coarse to localise, so the pixel map comes from ``pixel_taps`` (stride 8): the same pooling,
+smoothing and per-group, per-location Gaussians on a 4× finer grid. ``pixel_taps=()`` makes the map
+from ``taps`` as well (the paper's single resolution).
+
+Adapted features: a backbone map → patch-adaptive average pooling (below) → Gaussian smoothing of
+every adapted channel over the grid (the paper's "Gaussian filter σ = 2 smooths the adapted feature
+maps"). ``feature_sigma`` is in image pixels and becomes σ / stride grid cells of each tap, so one
+value means the same image area at both resolutions; it is capped at image_size / 8 so that the
+kernel's ±2σ core never spans more than half the image (σ = 2 cells on a stride-32 grid,
+64 px at 256 px, left a cell ~4 % of its own feature).
 
 Patch-adaptive average pooling (eq. 2): the p×p neighbourhood of a location (zero padded at the
 border) is flattened channel-major, (c, dy, dx) as torch's ``Unfold``, into one vector of p²·C
@@ -23,15 +32,17 @@ is shrunk: Ledoit-Wolf Σ = (1−ρ)S + ρ·(tr S/d)·I (ρ from the data, sklea
 so Σ⁻¹ follows from Woodbury with one n×n Cholesky factor per location,
     (x−μ)ᵀΣ⁻¹(x−μ) = (‖v‖² − ‖L⁻¹X̃v‖²) / b,   v = x − μ, X̃ = √a·Xc, LLᵀ = bI + X̃X̃ᵀ,
 computed in float64 on the host at fit time. The state grows with N·d per location instead of
-groups·d², and no inverse is ever formed.
+groups·d², and no inverse is ever formed. Scoring runs over blocks of locations so that the
+gathered group rows, [B, m, d] per location, stay under ``CHUNK_BYTES`` whatever the grid.
 
-State (``L`` grid locations, ``G`` groups, ``m`` images in the largest group, ``N`` training images):
-    'rows'    [N+1, L, d]  √a·(x − μ_group) of every training image, plus one zero row for padding
-    'members' [G, m]       row indices of each group's images, padded with N
-    'mean'    [G, L, d]    per-group, per-location mean
-    'chol'    [G, L, m, m] lower Cholesky factor of bI + X̃X̃ᵀ (identity on padding)
-    'iso'     [G, L]       b, the isotropic part of Σ
-    'group_id' [N], 'leads' [G] (training-image index of each lead), 'threshold' (match count used),
+State (``G`` groups, ``m`` images in the largest group, ``N`` training images), and per resolution
+('image', and 'pixel' when ``pixel_taps`` is set) the Gaussians, location-major (``L`` locations):
+    'rows'    [L, N+1, d]  √a·(x − μ_group) of every training image, plus one zero row for padding
+    'mean'    [L, G, d]    per-group, per-location mean
+    'chol'    [L, G, m, m] lower Cholesky factor of bI + X̃X̃ᵀ (identity on padding)
+    'iso'     [L, G]       b, the isotropic part of Σ
+    'members' [G, m] row indices of each group's images, padded with N; 'group_id' [N], 'leads' [G]
+    (training-image index of each lead), 'threshold' (match count used),
     'lead_desc' [G, P, D] (dense_mnn: the leads' unit-norm patch descriptors) or
     'lead_images' [G, H, W] uint8 (sift/orb: the leads' grey images, matched by OpenCV).
 """
@@ -57,6 +68,8 @@ from jaxad.runtime import compilation
 
 SHRINKAGE = ("ledoit_wolf", "ridge")
 GROUPING = ("size", "threshold")
+CHUNK_BYTES = 64 * 2**20  # gathered group rows per block of locations while scoring
+MAX_SIGMA_FRACTION = 1 / 8  # feature_sigma ≤ image side / 8: the kernel's ±2σ core spans ≤ half the image
 
 
 # --- patch-adaptive average pooling -------------------------------------------------------------
@@ -103,13 +116,18 @@ def smooth(x: jax.Array, sigma: float) -> jax.Array:
 # --- features -----------------------------------------------------------------------------------
 
 
+def resolutions(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+    """Resolution name → its taps: 'image' (``taps``) and, when set, 'pixel' (``pixel_taps``)."""
+    return {"image": tuple(config.taps), **({"pixel": tuple(config.pixel_taps)} if config.pixel_taps else {})}
+
+
 def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
     """One-line ConfigErrors for every setting fit would otherwise trip over later."""
-    taps = [*config.taps, config.match_tap] if config.matcher == matching.DENSE else list(config.taps)
+    taps = backbone_taps(config)
     unknown = [t for t in taps if t not in backbone.taps]
     if unknown or not config.taps:
-        raise ConfigError(f"--config.taps / match_tap: {unknown or 'none given'} are not taps of {backbone.name}; "
-                          f"valid: {', '.join(backbone.taps)}")
+        raise ConfigError(f"--config.taps / pixel_taps / match_tap: {unknown or 'none given'} are not taps of "
+                          f"{backbone.name}; valid: {', '.join(backbone.taps)}")
     matching.check_matcher(config.matcher)
     if config.shrinkage not in SHRINKAGE:
         raise ConfigError(f"--config.shrinkage={config.shrinkage}: choose one of {', '.join(SHRINKAGE)}")
@@ -117,32 +135,46 @@ def check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
         raise ConfigError(f"--config.grouping={config.grouping}: choose one of {', '.join(GROUPING)}")
     require_at_least(config, 1, "group_size", "min_group_size", "match_chunk")
     require_at_least(config, 0, "ridge", "feature_sigma")
+    size = config.image_size if isinstance(config.image_size, int) else min(config.image_size)
+    if config.feature_sigma > size * MAX_SIGMA_FRACTION:
+        raise ConfigError(f"--config.feature_sigma={config.feature_sigma}: it is in pixels and must be at most "
+                          f"image_size/8 = {size * MAX_SIGMA_FRACTION:g} (a wider kernel blurs each cell into most "
+                          f"of the grid)")
     if config.patch_size < 1 or config.patch_size % 2 == 0 or config.num_channels < 1:
         raise ConfigError(f"--config.patch_size={config.patch_size} must be odd and ≥ 1, "
                           f"--config.num_channels={config.num_channels} ≥ 1")
 
 
 def backbone_taps(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The feature taps and, for the dense matcher, ``match_tap``."""
-    return tuple(dict.fromkeys([*config.taps, config.match_tap] if config.matcher == matching.DENSE else config.taps))
+    """The feature taps of both resolutions and, for the dense matcher, ``match_tap``."""
+    match = [config.match_tap] if config.matcher == matching.DENSE else []
+    return tuple(dict.fromkeys([*config.taps, *config.pixel_taps, *match]))
 
 
-def embed(config: ml_collections.ConfigDict, backbone: Backbone, variables, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """Images → (adapted features [B, h, w, C'], unit-norm match descriptors [B, P, D] or None).
+def adapt(config: ml_collections.ConfigDict, backbone: Backbone, maps: dict[str, jax.Array], taps: tuple[str, ...]) -> jax.Array:
+    """Backbone maps → adapted features [B, h, w, C'] on the grid of ``taps[0]``.
 
-    Several ``taps`` are resized (bilinear) to the first tap's grid and concatenated before pooling.
-    The descriptors (``match_tap`` patches) exist only for the dense matcher.
+    Several taps are resized (bilinear) to the first tap's grid and concatenated before pooling;
+    the smoothing σ is ``feature_sigma`` pixels in cells of that tap's stride.
     """
-    dense = config.matcher == matching.DENSE
-    maps = backbone.apply(variables, images, backbone_taps(config))
-    grid = maps[config.taps[0]].shape[1:3]
-    f = jnp.concatenate([features.resize_bilinear(maps[t], grid) for t in config.taps], axis=-1)
+    grid = maps[taps[0]].shape[1:3]
+    f = jnp.concatenate([features.resize_bilinear(maps[t], grid) for t in taps], axis=-1)
     out = out_channels(f.shape[-1], config.patch_size, config.num_channels)
-    f = smooth(patch_adaptive_pool(f, config.patch_size, out), config.feature_sigma)
-    if not dense:
-        return f, None
+    return smooth(patch_adaptive_pool(f, config.patch_size, out), config.feature_sigma / backbone.taps[taps[0]].stride)
+
+
+def embed(config: ml_collections.ConfigDict, backbone: Backbone, variables, images: jax.Array) -> tuple[dict[str, jax.Array], jax.Array | None]:
+    """Images → ({resolution: adapted features [B, h, w, C']}, unit-norm match descriptors [B, P, D] or None).
+
+    One backbone pass serves both resolutions; the descriptors (``match_tap`` patches) exist only
+    for the dense matcher.
+    """
+    maps = backbone.apply(variables, images, backbone_taps(config))
+    adapted = {name: adapt(config, backbone, maps, taps) for name, taps in resolutions(config).items()}
+    if config.matcher != matching.DENSE:
+        return adapted, None
     m = maps[config.match_tap]
-    return f, matching.normalise(m.reshape(m.shape[0], -1, m.shape[-1]))
+    return adapted, matching.normalise(m.reshape(m.shape[0], -1, m.shape[-1]))
 
 
 # --- per-group Gaussians ------------------------------------------------------------------------
@@ -161,44 +193,61 @@ def shrinkage(xc: np.ndarray, mode: str, ridge: float, floor: float) -> tuple[np
     return a, np.maximum(b, floor)
 
 
-def group_gaussians(feats: np.ndarray, group_id: np.ndarray, mode: str, ridge: float) -> dict[str, np.ndarray]:
+def group_members(group_id: np.ndarray) -> np.ndarray:
+    """[G, m] training-image indices of each group, padded with N (the zero row of 'rows')."""
+    sizes = np.bincount(group_id)
+    members = np.full((len(sizes), int(sizes.max())), len(group_id), np.int32)
+    for g in range(len(sizes)):
+        members[g, : sizes[g]] = np.flatnonzero(group_id == g)
+    return members
+
+
+def group_gaussians(feats: np.ndarray, members: np.ndarray, mode: str, ridge: float) -> dict[str, np.ndarray]:
     """Per-group, per-location mean and Woodbury factors of the shrunk covariance (float64 inside).
 
-    feats [N, L, d] adapted features of the training images, group_id [N] → the state arrays
-    'rows', 'members', 'mean', 'chol', 'iso' described in the module docstring.
+    feats [N, L, d] adapted features of the training images, members [G, m] from
+    :func:`group_members` → 'rows', 'mean', 'chol', 'iso', location-major as in the module docstring.
     """
     n_img, n_loc, d = feats.shape
-    sizes = np.bincount(group_id)
-    groups, m = len(sizes), int(sizes.max())
+    groups, m = members.shape
     floor = 1e-6 * float(np.mean(np.var(feats, axis=0, dtype=np.float64))) + 1e-30
-    members = np.full((groups, m), n_img, np.int32)
-    rows = np.zeros((n_img + 1, n_loc, d), np.float32)
-    mean = np.zeros((groups, n_loc, d), np.float32)
-    chol = np.broadcast_to(np.eye(m, dtype=np.float32), (groups, n_loc, m, m)).copy()
-    iso = np.zeros((groups, n_loc), np.float32)
+    rows = np.zeros((n_loc, n_img + 1, d), np.float32)
+    mean = np.zeros((n_loc, groups, d), np.float32)
+    chol = np.broadcast_to(np.eye(m, dtype=np.float32), (n_loc, groups, m, m)).copy()
+    iso = np.zeros((n_loc, groups), np.float32)
     for g in range(groups):  # fit time, once per group; every location at once
-        idx = np.flatnonzero(group_id == g)
+        idx = members[g][members[g] < n_img]
         x = feats[idx].astype(np.float64)
         mu = x.mean(axis=0)
         xc = x - mu
         a, b = shrinkage(xc, mode, ridge, floor)
         scaled = xc * np.sqrt(a)[None, :, None]
         capacitance = np.einsum("nld,mld->lnm", scaled, scaled) + b[:, None, None] * np.eye(len(idx))
-        members[g, : len(idx)] = idx
-        rows[idx] = scaled
-        mean[g], iso[g] = mu, b
-        chol[g, :, : len(idx), : len(idx)] = np.linalg.cholesky(capacitance)
-    return {"rows": rows, "members": members, "mean": mean, "chol": chol, "iso": iso}
+        rows[:, idx] = scaled.transpose(1, 0, 2)
+        mean[:, g], iso[:, g] = mu, b
+        chol[:, g, : len(idx), : len(idx)] = np.linalg.cholesky(capacitance)
+    return {"rows": rows, "mean": mean, "chol": chol, "iso": iso}
 
 
-def mahalanobis(f: jax.Array, group: jax.Array, state: dict) -> jax.Array:
-    """Distance of features f [B, L, d] to the Gaussians of their groups [B] at every location → [B, L]."""
-    v = f - state["mean"][group]  # [B, L, d]
-    rows = state["rows"][state["members"][group]]  # [B, m, L, d]
-    proj = jnp.einsum("bld,bmld->blm", v, rows, precision=jax.lax.Precision.HIGHEST)
-    z = solve_triangular(state["chol"][group], proj[..., None], lower=True)[..., 0]  # [B, L, m]
-    d2 = (jnp.sum(v * v, axis=-1) - jnp.sum(z * z, axis=-1)) / state["iso"][group]
-    return jnp.sqrt(jnp.maximum(d2, 0.0))
+def mahalanobis(f: jax.Array, group: jax.Array, members: jax.Array, stats: dict, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """Distance of features f [B, L, d] to the Gaussians of their groups [B] at every location → [B, L].
+
+    Locations are scored in blocks (``jax.lax.map``) sized so that the gathered group rows, a
+    [block, B, m, d] array, stay within ``chunk_bytes``; the result does not depend on the block size.
+    """
+    b, n_loc, d = f.shape
+    index = members[group]  # [B, m]
+    block = int(max(1, min(n_loc, chunk_bytes // (b * index.shape[1] * d * f.dtype.itemsize))))
+
+    def location(args):
+        x, rows, mean, chol, iso = args  # [B, d], [N+1, d], [G, d], [G, m, m], [G]
+        v = x - mean[group]
+        proj = jnp.einsum("bd,bmd->bm", v, rows[index], precision=jax.lax.Precision.HIGHEST)
+        z = solve_triangular(chol[group], proj[..., None], lower=True)[..., 0]
+        return (jnp.sum(v * v, axis=-1) - jnp.sum(z * z, axis=-1)) / iso[group]
+
+    d2 = jax.lax.map(location, (f.swapaxes(0, 1), stats["rows"], stats["mean"], stats["chol"], stats["iso"]), batch_size=block)
+    return jnp.sqrt(jnp.maximum(d2.T, 0.0))
 
 
 # --- the method ---------------------------------------------------------------------------------
@@ -218,27 +267,29 @@ def fit(
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Extract, match all pairs, group, and fit one Gaussian per group and location. No training."""
+    """Extract, match all pairs, group, and fit one Gaussian per group and location at each resolution. No training."""
     check(config, backbone)
     dense = config.matcher == matching.DENSE
     extract = compilation.jit(lambda v, x: embed(config, backbone, v, x))
     grey_fn = compilation.jit(matching.grey_uint8)
-    feats, descs, greys = [], [], []
+    feats = {name: [] for name in resolutions(config)}
+    descs, greys = [], []
     for batch in batches:
         valid = np.asarray(batch.valid)
-        f, m = extract(backbone.variables, batch.images)
-        f = np.asarray(f)[valid]
-        if not np.isfinite(f).all():
-            bad = ", ".join(str(p) for p, v in zip(batch.paths, batch.valid) if v)
-            raise NumericsError(f"non-finite features from the backbone on one of: {bad}; check these images")
-        feats.append(f.reshape(len(f), -1, f.shape[-1]))
+        adapted, m = extract(backbone.variables, batch.images)
+        for name, f in adapted.items():
+            f = np.asarray(f)[valid]
+            if not np.isfinite(f).all():
+                bad = ", ".join(str(p) for p, v in zip(batch.paths, batch.valid) if v)
+                raise NumericsError(f"non-finite features from the backbone on one of: {bad}; check these images")
+            feats[name].append(f.reshape(len(f), -1, f.shape[-1]))
         if dense:
             descs.append(np.asarray(m)[valid])
         else:
             greys.append(np.asarray(grey_fn(batch.images))[valid])
         if progress is not None:
             progress(int(valid.sum()))
-    if not feats:
+    if not feats["image"]:
         raise NumericsError("no training batch was seen; the training set is empty")
     descs = np.concatenate(descs) if dense else None
     greys = None if dense else np.concatenate(greys)
@@ -248,11 +299,14 @@ def fit(
     else:
         threshold = matching.threshold_for_size(counts, config.group_size, config.min_group_size)
     group_id, leads = matching.group(counts, threshold, config.min_group_size)
-    state = group_gaussians(np.concatenate(feats), group_id, config.shrinkage, config.ridge)
-    if not all(np.isfinite(v).all() for v in state.values()):
-        raise NumericsError(f"group covariance not positive definite; use --config.shrinkage=ridge with a larger "
-                            f"--config.ridge (now {config.ridge})")
-    state.update(group_id=group_id, leads=leads, threshold=np.float64(threshold))
+    members = group_members(group_id)
+    state = {}
+    for name in list(feats):
+        state[name] = group_gaussians(np.concatenate(feats.pop(name)), members, config.shrinkage, config.ridge)
+        if not all(np.isfinite(v).all() for v in state[name].values()):
+            raise NumericsError(f"group covariance not positive definite; use --config.shrinkage=ridge with a larger "
+                                f"--config.ridge (now {config.ridge})")
+    state.update(members=members, group_id=group_id, leads=leads, threshold=np.float64(threshold))
     if dense:
         state["lead_desc"] = descs[leads]
     else:
@@ -271,10 +325,16 @@ def route(config: ml_collections.ConfigDict, state: dict, images: jax.Array, des
 
 
 def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); routing and scoring in one jit."""
-    f, descriptors = embed(config, backbone, state["backbone"], images)
+    """Images [B, H, W, 3] → (image scores [B], pixel maps [B, H, W]); routing and scoring in one jit.
+
+    Both resolutions use the group chosen once per image; the score is the maximum of the 'image'
+    map, the returned map is the 'pixel' one (the 'image' one without ``pixel_taps``).
+    """
+    adapted, descriptors = embed(config, backbone, state["backbone"], images)
     group = route(config, state, images, descriptors)
-    b, h, w, d = f.shape
-    patch_scores = mahalanobis(f.reshape(b, h * w, d), group, state).reshape(b, h, w)
-    maps = postprocess.anomaly_maps(patch_scores, images.shape[1:3], config.blur_sigma)
-    return jnp.max(maps, axis=(1, 2)), maps
+    maps = {}
+    for name, f in adapted.items():
+        b, h, w, d = f.shape
+        patch_scores = mahalanobis(f.reshape(b, h * w, d), group, state["members"], state[name]).reshape(b, h, w)
+        maps[name] = postprocess.anomaly_maps(patch_scores, images.shape[1:3], config.blur_sigma)
+    return jnp.max(maps["image"], axis=(1, 2)), maps.get("pixel", maps["image"])
