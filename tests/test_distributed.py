@@ -38,7 +38,7 @@ def test_process_shares_cover_the_list_once_and_nearly_evenly(monkeypatch, count
 
 
 def test_a_shorter_share_ends_on_batches_of_padding():
-    load = lambda i: (np.full((2, 2, 3), i, np.float32), None, 0, f"img{i}")  # noqa: E731
+    load = lambda i: (np.full((2, 2, 3), i, np.float32), None, 0, f"img{i}")
     batches = list(loader.stream(5, load, batch_size=4, batches=3))
     assert [b.valid.sum() for b in batches] == [4, 1, 0]
     assert batches[2].images.shape == (4, 2, 2, 3)

@@ -256,14 +256,14 @@ def projections(rows: Sequence[dict[str, Any]], d_from: int, d_to: int = 1536, n
     slice_f32 = 8 * V5E_BF16_TFLOPS / F32_PASSES * 1e12
     slice_bf16 = 8 * V5E_BF16_TFLOPS * 1e12
     return [
-        f"- Projection to d = {d_to} (the paper backbone), n = {n:.0e}: the Gram costs 2·d²·n = {flops:.2e} FLOP; "
-        f"at the rate measured here for d = {d_from} (n = {largest['n']:.2e}: {largest['gflops']:.1f} GFLOP/s) "
-        f"that is {cpu_s:.3g} s ({cpu_s / 3600:.2f} h) on this CPU, assuming the rate holds at the larger d.",
-        f"- TPU v5e-8 (not measured; assumed peak {V5E_BF16_TFLOPS:.0f} TFLOP/s bf16 per chip, 8 chips, float32 at "
-        f"Precision.HIGHEST taken as {F32_PASSES} bf16 passes): at least {flops / slice_f32:.3g} s in float32 and "
-        f"{flops / slice_bf16:.3g} s in bf16 at full peak; a backbone producing {n:.0e} patches costs far more than the Gram.",
-        f"- Exact NN at n = {n:.0e} would hold a bank of {n * d_from * 4 / 1e9:.0f} GB (d = {d_from}) or "
-        f"{n * d_to * 4 / 1e12:.1f} TB (d = {d_to}) in float32; a v5e-8 has 128 GB of HBM in all.",
+        (f"- Projection to d = {d_to} (the paper backbone), n = {n:.0e}: the Gram costs 2·d²·n = {flops:.2e} FLOP; "
+         f"at the rate measured here for d = {d_from} (n = {largest['n']:.2e}: {largest['gflops']:.1f} GFLOP/s) "
+         f"that is {cpu_s:.3g} s ({cpu_s / 3600:.2f} h) on this CPU, assuming the rate holds at the larger d."),
+        (f"- TPU v5e-8 (not measured; assumed peak {V5E_BF16_TFLOPS:.0f} TFLOP/s bf16 per chip, 8 chips, float32 "
+         f"at Precision.HIGHEST taken as {F32_PASSES} bf16 passes): at least {flops / slice_f32:.3g} s in float32 "
+         f"and {flops / slice_bf16:.3g} s in bf16, at full peak; the backbone producing the features is not counted."),
+        (f"- Exact NN at n = {n:.0e} would hold a bank of {n * d_from * 4 / 1e9:.0f} GB (d = {d_from}) or "
+         f"{n * d_to * 4 / 1e12:.1f} TB (d = {d_to}) in float32; a v5e-8 has 128 GB of HBM in all."),
     ]
 
 
@@ -276,14 +276,14 @@ def section(rows: Sequence[dict[str, Any]], d: int, command: str, plots: Sequenc
     lines = [
         f"## Streaming at scale: fit throughput, memory and score time against n (d = {d})", "",
         *report.provenance(command, harness.machine()), "",
-        f"Features streamed from a generator ({BATCH_IMAGES} maps of {GRID[0]}×{GRID[1]} patches per batch, "
-        f"cycled from {POOL} batches drawn once on the device): timed is the distance's update alone. "
-        "peak_rss: the process's resident-set high-water mark during the fit (reset before it); device: bytes of "
-        "live JAX arrays after the fit (the CPU backend reports no peak). score_ms: 10⁴ query patches "
-        "(NN timed on queries_timed and scaled). 'extrapolated' rows were not run: their time is n over the "
-        f"rate of the largest measured n, because it was predicted to exceed {budget_s:.0f} s. Nearest neighbour "
-        f"stops where its bank would exceed {nn_gb:g} GiB; its fit is the copy into the bank (1% coreset: plus "
-        "the greedy selection, measured or extrapolated as in --coreset).", "",
+        (f"Features streamed from a generator ({BATCH_IMAGES} maps of {GRID[0]}×{GRID[1]} patches per batch, "
+         f"cycled from {POOL} batches drawn once on the device): timed is the distance's update alone. "
+         "peak_rss: the process's resident-set high-water mark during the fit (reset before it); device: bytes of "
+         "live JAX arrays after the fit (the CPU backend reports no peak). score_ms: 10⁴ query patches "
+         "(NN timed on queries_timed and scaled). 'extrapolated' rows were not run: their time is n over the "
+         f"rate of the largest measured n, because it was predicted to exceed {budget_s:.0f} s. Nearest neighbour "
+         f"stops where its bank would exceed {nn_gb:g} GiB; its fit is the copy into the bank (1% coreset: plus "
+         "the greedy selection, measured or extrapolated as in --coreset)."), "",
         report.markdown_table(table, ["distance", "n", "how", "fit_s", "patches_per_s", "gflops", "peak_rss_mib",
                                       "device_mib", "score_ms", "queries_timed"], floatfmt=".4g"), "",
         *projections(rows, d), "",
