@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import ml_collections
@@ -38,6 +39,17 @@ def test_streaming_crd_equals_crd_on_every_streamed_patch():
     np.testing.assert_allclose(np.asarray(params["M"]), np.asarray(M), atol=1e-5)
     q = jnp.asarray(f[:256].reshape(1, 16, 16, d))
     np.testing.assert_allclose(np.asarray(scale.GLOBAL_CRD.score(params, q)), np.asarray(crd.score(M, q)), rtol=1e-4)
+
+
+def test_any_object_with_the_four_functions_plugs_in():
+    """A distance given as bare functions (no FLOP count) is measured under its name; NN stops at
+    once when no bank fits."""
+    crd_fns = SimpleNamespace(init=scale.GLOBAL_CRD.init, update=scale.GLOBAL_CRD.update,
+                              finalize=scale.GLOBAL_CRD.finalize, score=scale.GLOBAL_CRD.score)
+    rows = scale.measure(max_n=1e4, d=8, nn_gb=0.0, distances={"plain": crd_fns}, log=lambda line: None)
+    assert [(r["distance"], r["how"]) for r in rows][0] == ("plain", "measured")
+    assert "gflops" not in rows[0] and rows[0]["score_s"] > 0
+    assert all(r["how"].startswith("not run") for r in rows[1:]) and len(rows) == 3
 
 
 MEMORY = """

@@ -3,8 +3,9 @@ patches n, for memory-free distances and for exact / 1%-coreset nearest neighbou
 
 Features come from a generator, not a dataset: batches [B, h, w, d] cycled from a few batches
 drawn once on the device, so what is timed is the distance's own work (a backbone would supply
-the features in a real fit). A memory-free distance is any object with the four functions of
-:class:`StreamingDistance` (a module works as well)::
+the features in a real fit). A memory-free distance is any object with these four functions (a
+:class:`StreamingDistance`, a module, or a distance of another protocol with the same calls),
+passed to :func:`measure` under a name::
 
     init(config, sample) -> stats            # sample: one batch of features
     update(stats, features, valid) -> stats  # pure, jit-able, additive
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,14 @@ QUERIES = 10_000  # score time is given per 10^4 query patches
 
 @dataclass(frozen=True)
 class StreamingDistance:
-    """A memory-free distance: streaming statistics, then parameters, then one batched score."""
+    """A memory-free distance: streaming statistics, then parameters, then one batched score;
+    ``flops_per_patch(d)`` (optional on other objects) gives the achieved FLOP rate of a fit."""
 
-    name: str
     init: Callable[[ml_collections.ConfigDict, jax.Array], Any]
     update: Callable[[Any, jax.Array, jax.Array], Any]
     finalize: Callable[[Any, ml_collections.ConfigDict], Any]
     score: Callable[[Any, jax.Array], jax.Array]
-    flops_per_patch: Callable[[int], float]  # of one update, for the achieved FLOP rate
+    flops_per_patch: Callable[[int], float]
 
 
 def _crd_init(config: ml_collections.ConfigDict, sample: jax.Array) -> dict[str, jax.Array]:
@@ -72,7 +73,7 @@ def _crd_finalize(stats: dict[str, jax.Array], config: ml_collections.ConfigDict
 
 
 GLOBAL_CRD = StreamingDistance(
-    name="crd", init=_crd_init, update=_crd_update, finalize=_crd_finalize,
+    init=_crd_init, update=_crd_update, finalize=_crd_finalize,
     score=lambda params, features: crd.score(params["M"], features), flops_per_patch=lambda d: 2.0 * d * d,
 )
 DISTANCES = {"crd": GLOBAL_CRD}
@@ -127,7 +128,12 @@ def _queries(d: int, count: int) -> jax.Array:
     return jax.random.normal(jax.random.key(7), (maps, *GRID, d), jnp.float32)
 
 
-def fit_streaming(distance: StreamingDistance, config: ml_collections.ConfigDict, n: int, d: int
+def _gflops(distance: Any, d: int, patches_per_s: float) -> dict[str, float]:
+    flops = getattr(distance, "flops_per_patch", None)
+    return {} if flops is None else {"gflops": flops(d) * patches_per_s / 1e9}
+
+
+def fit_streaming(distance: Any, config: ml_collections.ConfigDict, n: int, d: int
                   ) -> tuple[Any, dict[str, float]]:
     """Stream ``n`` patches through ``distance``; returns (params, measurements)."""
     stream = feature_stream(n, d)
@@ -147,8 +153,7 @@ def fit_streaming(distance: StreamingDistance, config: ml_collections.ConfigDict
     params = jax.block_until_ready(distance.finalize(stats, config))
     patches = streamed_patches(n)
     return params, {
-        "n": patches, "fit_s": seconds, "patches_per_s": patches / seconds,
-        "gflops": distance.flops_per_patch(d) * patches / seconds / 1e9,
+        "n": patches, "fit_s": seconds, "patches_per_s": patches / seconds, **_gflops(distance, d, patches / seconds),
         "peak_rss_bytes": peak_rss(), "device_bytes": held,
     }
 
@@ -195,7 +200,7 @@ def sizes_up_to(max_n: float) -> list[int]:
 
 def measure(max_n: float = 1e9, d: int = 152, budget_s: float = 1500.0, nn_gb: float = 4.0,
             coreset_budget_s: float = 120.0, flop_budget: float = 2e11,
-            distances: Sequence[StreamingDistance] = (GLOBAL_CRD,),
+            distances: Mapping[str, Any] = DISTANCES,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One row per (distance, n). A streaming fit whose time, predicted from the previous size,
     exceeds ``budget_s`` is not run: its row is extrapolated linearly and says so. Exact and
@@ -203,20 +208,19 @@ def measure(max_n: float = 1e9, d: int = 152, budget_s: float = 1500.0, nn_gb: f
     selection is timed to ``coreset_budget_s`` and extrapolated beyond (as in ``--coreset``)."""
     config = ml_collections.ConfigDict({"lam": 5.0, "lam_mode": "absolute"})
     rows: list[dict[str, Any]] = []
-    for distance in distances:
+    for name, distance in distances.items():
         rate = None
         for n in sizes_up_to(max_n):
             if rate is not None and streamed_patches(n) / rate > budget_s:
-                rows.append({"distance": distance.name, "n": streamed_patches(n), "how": "extrapolated",
-                             "fit_s": streamed_patches(n) / rate, "patches_per_s": rate,
-                             "gflops": distance.flops_per_patch(d) * rate / 1e9})
-                log(f"{distance.name} n={n}: predicted {rows[-1]['fit_s']:.0f} s > {budget_s:.0f} s, extrapolated")
+                rows.append({"distance": name, "n": streamed_patches(n), "how": "extrapolated",
+                             "fit_s": streamed_patches(n) / rate, "patches_per_s": rate, **_gflops(distance, d, rate)})
+                log(f"{name} n={n}: predicted {rows[-1]['fit_s']:.0f} s > {budget_s:.0f} s, extrapolated")
                 continue
             params, row = fit_streaming(distance, config, n, d)
             rate = row["patches_per_s"]
-            rows.append({"distance": distance.name, "how": "measured", **row,
+            rows.append({"distance": name, "how": "measured", **row,
                          "score_s": score_seconds(distance.score, params, d)})
-            log(f"{distance.name} n={n}: {row['fit_s']:.1f} s, {rate:.3g} patches/s, "
+            log(f"{name} n={n}: {row['fit_s']:.1f} s, {rate:.3g} patches/s, "
                 f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB")
     for n in sizes_up_to(max_n):
         if streamed_patches(n) * d * 4 > nn_gb * 2**30:
