@@ -36,9 +36,14 @@ def prepare_workdir(workdir: str | Path, option: str = "--workdir") -> Path:
 
 
 def save_arrays(path: str | Path, tree: Any) -> None:
-    """Write a pytree of arrays to the orbax folder ``path`` (replacing one there)."""
+    """Write a pytree of arrays to the orbax folder ``path`` (replacing one there).
+
+    Written by this process alone: in a multi-host run process 0 saves while the others, which
+    hold the same state, do not take part (orbax would otherwise wait for them at a barrier)."""
     path = Path(path).expanduser().resolve()  # orbax takes absolute paths only
-    ocp.PyTreeCheckpointer().save(path, jax.device_get(tree), force=True)
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone), multiprocessing_options=alone)
+    checkpointer.save(path, jax.device_get(tree), force=True)
 
 
 def load_arrays(path: str | Path) -> Any:

@@ -3,6 +3,9 @@
 What ``scripts/fit.py``, ``scripts/evaluate.py`` and ``scripts/predict.py`` call. A workdir of a
 single category holds ``config.json``, ``state/``, ``metrics.json``, ``roc.png`` and
 ``maps/*.png``; a folder of categories gets one such workdir per category plus ``summary.json``.
+
+Over several processes (:mod:`jaxad.runtime.distributed`) each fits on its share of the training
+images, every one ends with the same state, and process 0 alone saves, evaluates and writes.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from jaxad.data import (
     read_image,
     resize_image,
 )
-from jaxad.errors import ConfigError
+from jaxad.errors import ConfigError, DataError
 from jaxad.eval import metrics, report, run_report
-from jaxad.runtime import compilation
+from jaxad.runtime import compilation, distributed
 
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
+MULTI_HOST_METHODS = ("crd",)  # methods whose fit reduces its statistics over every process's devices
 
 
 def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -73,11 +77,19 @@ def load_backbone(config: ml_collections.ConfigDict) -> backbones.Backbone:
 
 
 def fit(config: ml_collections.ConfigDict, dataset: Dataset, backbone: backbones.Backbone) -> tuple[dict, float]:
-    """Fit ``config.method`` on the dataset's training images; returns (state, seconds)."""
+    """Fit ``config.method`` on the dataset's training images; returns (state, seconds).
+
+    Over several processes this process reads only its share of the images, and the batch of one
+    step is ``batch_size`` images from each process."""
     method = methods.get(config.method)
-    batches = iterate_batches(dataset.train, image_size(config), config.batch_size)
+    train = distributed.process_share(dataset.train)
+    if not train:
+        raise DataError(f"{dataset.root}: {len(dataset.train)} training images for {jax.process_count()} "
+                        "processes; every process needs at least one")
+    batches = iterate_batches(train, image_size(config), config.batch_size,
+                              batches=distributed.batches_per_process(len(dataset.train), config.batch_size))
     start = time.perf_counter()
-    with _progress(f"fit {dataset.name}", len(dataset.train)) as bar:
+    with _progress(f"fit {dataset.name}", len(train)) as bar:
         state = method.fit(config, batches, backbone, progress=bar.update)
     state = jax.block_until_ready(state)
     return state, time.perf_counter() - start
@@ -150,16 +162,19 @@ def subsample_train(dataset: Dataset, count: int, seed: int) -> Dataset:
 
 
 def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Path, backbone: backbones.Backbone) -> dict:
-    """Fit, save and (when there is a test split) evaluate one category into ``workdir``."""
-    workdir = checkpoint.prepare_workdir(workdir)
+    """Fit, save and (when there is a test split) evaluate one category into ``workdir``; over
+    several processes all fit, process 0 alone saves and evaluates."""
+    workdir = checkpoint.prepare_workdir(workdir) if distributed.is_main() else Path(workdir).expanduser().resolve()
     dataset = subsample_train(open_dataset(category), config.train_images, config.seed)
     config = ml_collections.ConfigDict(config.to_dict())
     config.data = str(Path(category).resolve())
-    config.workdir = str(workdir.resolve())  # trained methods keep resumable checkpoints in workdir/train
+    config.workdir = str(workdir)  # trained methods keep resumable checkpoints in workdir/train
     state, fit_seconds = fit(config, dataset, backbone)
     saved = {k: v for k, v in state.items() if k not in RUNTIME_KEYS}
-    checkpoint.save(workdir, config, saved)
     result: dict[str, Any] = {"category": dataset.name, "method": config.method, "n_train": len(dataset.train), "fit_seconds": fit_seconds}
+    if not distributed.is_main():
+        return result
+    checkpoint.save(workdir, config, saved)
     if dataset.test:
         result.update(evaluate(config, make_predictor(config, backbone, saved), dataset, workdir))
     _write_json(workdir / "metrics.json", result)
@@ -169,13 +184,17 @@ def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Pat
 def run(config: ml_collections.ConfigDict, data: Path, workdir: Path) -> list[dict]:
     """Fit and evaluate every category found under ``data``; one workdir each when several."""
     check_shared_settings(config)
+    if jax.process_count() > 1 and config.method not in MULTI_HOST_METHODS:
+        raise ConfigError(f"--method {config.method} fits in one process only; over several processes: "
+                          f"{', '.join(MULTI_HOST_METHODS)}")
     categories = find_categories(data)
     backbone = load_backbone(config)
     if len(categories) == 1:
         return [run_category(config, categories[0], workdir, backbone)]
-    top = checkpoint.prepare_workdir(workdir)
+    top = checkpoint.prepare_workdir(workdir) if distributed.is_main() else Path(workdir)
     results = [run_category(config, c, top / c.name, backbone) for c in categories]
-    _write_json(top / "summary.json", results)
+    if distributed.is_main():
+        _write_json(top / "summary.json", results)
     return results
 
 

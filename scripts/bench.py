@@ -4,6 +4,7 @@
         [--variant [METHOD/]NAME:KEY=VALUE,KEY=VALUE ...] [--no-default] [--out BENCHMARKS.md] [--section NAME]
     python scripts/bench.py --distances [--max-n 10000000] [--section NAME]
     python scripts/bench.py --coreset [--coreset-budget 300] [--section NAME]
+    python scripts/bench.py --scale [--scale-max-n 1e9] [--scale-budget 1500] [--scale-nn-gb 4] [--section NAME]
     python scripts/bench.py --backbones [--per-tap] [--backbone NAME ...] [--no-compile] [--section NAME]
     python scripts/bench.py --import-from OTHER/BENCHMARKS.md --section NAME [--out BENCHMARKS.md]
     python scripts/bench.py --summary [--section NAME --replaces OLD ...]
@@ -20,6 +21,11 @@ every method's default config and every variant (a METHOD/ prefix limits a varia
 method); the table (accuracy, fit time, predict latency at batch 1 and throughput at batch 16,
 state size) replaces the section NAME of --out. Without --data-root: ../shared/data when
 present, else the synthetic set (also chosen by --data-root synthetic).
+
+--scale streams generated features (no dataset) through global CRD's Gram up to --scale-max-n
+patches at d = 152, and through exact and 1%-coreset nearest neighbour as far as their bank fits
+--scale-nn-gb: fit throughput, peak host and device memory, score time, plots, and projections to
+d = 1536 and a TPU v5e-8 (jaxad/bench/scale.py).
 
 --import-from copies section NAME of a BENCHMARKS.md written on another machine (a GPU, a TPU VM),
 with the plots folder benchmarks/NAME beside it, into --out as it is.
@@ -39,7 +45,7 @@ import sys
 from pathlib import Path
 
 from jaxad import cli
-from jaxad.bench import backbone_speed, distance_speed, harness, summary
+from jaxad.bench import backbone_speed, distance_speed, harness, scale, summary
 from jaxad.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +68,11 @@ def main() -> int:
     parser.add_argument("--flop-budget", type=float, default=2e11, help="NN FLOPs timed per measurement (raise on accelerators)")
     parser.add_argument("--coreset", action="store_true", help="time greedy coreset subsampling instead")
     parser.add_argument("--coreset-budget", type=float, default=300.0, help="seconds a timed coreset run may take")
+    parser.add_argument("--scale", action="store_true", help="fit throughput and memory against n, to 10^9 patches")
+    parser.add_argument("--scale-max-n", type=float, default=1e9, help="with --scale: largest number of patches")
+    parser.add_argument("--scale-budget", type=float, default=1500.0,
+                        help="with --scale: seconds a streaming fit may take; a longer one is extrapolated")
+    parser.add_argument("--scale-nn-gb", type=float, default=4.0, help="with --scale: largest nearest-neighbour bank (GiB)")
     parser.add_argument("--backbones", action="store_true", help="time feature extraction per backbone instead")
     parser.add_argument("--no-compile", action="store_true", help="with --backbones: skip torch.compile")
     parser.add_argument("--backbone", action="append", help="with --backbones: only this one (repeatable)")
@@ -99,6 +110,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> str:
     """Run the benchmark the arguments ask for and write its section; returns the section's name."""
     if args.distances:
         return distance_speed.write_distances(args.out, command, args.section, args.max_n, args.flop_budget)
+    if args.scale:
+        return scale.write_scale(args.out, command, args.section, args.scale_max_n, budget_s=args.scale_budget,
+                                 nn_gb=args.scale_nn_gb)
     if args.coreset:
         return distance_speed.write_coreset(args.out, command, args.section, args.coreset_budget)
     if args.backbones:

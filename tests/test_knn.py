@@ -87,25 +87,54 @@ def test_coreset_rejects_bad_sizes():
         coreset.greedy_coreset(jnp.zeros((10, 3)), 11, jax.random.key(0))
 
 
-def test_sharded_search_over_eight_devices_equals_one_device():
-    code = textwrap.dedent(
-        """
-        import jax, numpy as np
-        jax.config.update("jax_num_cpu_devices", 8)
+def _run_on_eight_devices(body: str) -> None:
+    code = "import jax, numpy as np\njax.config.update('jax_num_cpu_devices', 8)\n" + textwrap.dedent(body) + "\nprint('OK', len(jax.devices()))\n"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK 8" in out.stdout
+
+
+@pytest.mark.parametrize("n", [8 * 130, 8 * 130 + 5])
+def test_sharded_search_over_eight_devices_equals_one_device(n):
+    """The bank split over 8 devices (padded when 8 does not divide it), each searching its slice,
+    the devices' k best merged: the distances and indices of one device's search."""
+    _run_on_eight_devices(f"""
         from jaxad.runtime import parallel
         from jaxad.distances import knn
         rng = np.random.default_rng(0)
-        bank = rng.normal(size=(8 * 130, 16)).astype(np.float32)
+        bank = rng.normal(size=({n}, 16)).astype(np.float32)
         q = rng.normal(size=(3, 9, 16)).astype(np.float32)
-        d8, i8 = knn.nearest_sharded(q, bank, 4, parallel.batch_mesh(), chunk_size=50)
+        search = jax.jit(lambda q, b: knn.nearest_sharded(q, b, 4, parallel.batch_mesh(), chunk_size=50))
+        d8, i8 = search(q, bank)
         d1, i1 = knn.nearest(q, bank, 4, chunk_size=50)
         np.testing.assert_allclose(np.asarray(d8), np.asarray(d1), rtol=1e-5)
         np.testing.assert_array_equal(np.asarray(i8), np.asarray(i1))
-        print("OK", len(jax.devices()))
-        """
-    )
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK 8" in out.stdout
+        assert int(np.asarray(i8).max()) < {n}
+    """)
+
+
+@pytest.mark.slow
+def test_patchcore_predicts_with_the_bank_split_over_eight_devices():
+    """PatchCore's prediction on 8 devices (sharded search, re-weighting included) equals its
+    prediction with the whole bank on one device."""
+    _run_on_eight_devices("""
+        from unittest import mock
+        from jaxad import backbones
+        from jaxad.config import apply_overrides, config_path, load_config
+        from jaxad.methods import patchcore
+        config = apply_overrides(load_config(config_path("patchcore", "configs")),
+                                 ["--config.image_size=64", "--config.chunk_size=100"])
+        bb = backbones.load(config.backbone)
+        rng = np.random.default_rng(0)
+        bank = rng.normal(size=(8 * 50 + 3, 152)).astype(np.float32)
+        images = rng.random((2, 64, 64, 3)).astype(np.float32)
+        state = {"backbone": bb.variables, "bank": bank}
+        run = lambda: [np.asarray(x) for x in jax.jit(lambda s, x: patchcore.predict(config, bb, s, x))(state, images)]
+        sharded = run()
+        with mock.patch.object(jax, "local_device_count", return_value=1):
+            single = run()
+        for a, b in zip(sharded, single):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    """)

@@ -47,9 +47,13 @@ def _assemble(items: list[Loaded], batch_size: int) -> Batch:
     )
 
 
-def stream(count: int, load: Callable[[int], Loaded], batch_size: int, workers: int = 2, prefetch: int = 2) -> Iterator[Batch]:
+def stream(count: int, load: Callable[[int], Loaded], batch_size: int, workers: int = 2, prefetch: int = 2,
+           batches: int | None = None) -> Iterator[Batch]:
     """Batches of ``load(0) ... load(count - 1)``, run in ``workers`` threads, ``prefetch`` batches ahead.
 
+    ``batches`` (at least the batches ``count`` makes) adds batches of padding only (the last
+    batch with ``valid`` all false), so that every process of a multi-host fit steps through as
+    many batches as the others although its share of the files may be one image shorter.
     An exception raised by ``load`` reaches the consumer unchanged.
     """
     ahead = batch_size * (prefetch + 1)
@@ -61,9 +65,12 @@ def stream(count: int, load: Callable[[int], Loaded], batch_size: int, workers: 
             while submitted < min(count, start + ahead):
                 pending.append(pool.submit(load, submitted))
                 submitted += 1
-            yield _assemble([pending.popleft().result() for _ in range(min(batch_size, count - start))], batch_size)
+            last = _assemble([pending.popleft().result() for _ in range(min(batch_size, count - start))], batch_size)
+            yield last
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    for _ in range(num_batches(count, batch_size), batches or 0):
+        yield last._replace(valid=np.zeros(batch_size, bool))
 
 
 def iterate_batches(
@@ -73,8 +80,10 @@ def iterate_batches(
     mask_size: tuple[int, int] | None = None,
     workers: int = 2,
     prefetch: int = 2,
+    batches: int | None = None,
 ) -> Iterator[Batch]:
-    """Stream ``samples`` as :class:`Batch` es; images at ``image_size``, masks (if asked) at ``mask_size``."""
+    """Stream ``samples`` as :class:`Batch` es; images at ``image_size``, masks (if asked) at
+    ``mask_size``; ``batches``: pad with invalid batches to that many (see :func:`stream`)."""
     samples = tuple(samples)
 
     def load(i: int) -> Loaded:
@@ -82,4 +91,4 @@ def iterate_batches(
         image, mask = load_sample(s.path, s.mask_paths, image_size, mask_size)
         return image, mask, s.label, str(s.path)
 
-    return stream(len(samples), load, batch_size, workers, prefetch)
+    return stream(len(samples), load, batch_size, workers, prefetch, batches)

@@ -76,28 +76,35 @@ def nearest(
 
 
 def nearest_sharded(
-    queries: jax.Array, bank: jax.Array, k: int, mesh: Mesh, chunk_size: int = 4096, squared: bool = False
+    queries: jax.Array, bank: Bank | jax.Array, k: int, mesh: Mesh, chunk_size: int = 4096, squared: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`nearest` with the bank split over the mesh (rows % devices == 0); queries replicated."""
+    """:func:`nearest` with the bank split over the mesh: each device searches its slice for its k
+    best, and the devices' candidates are merged by one more top-k. Any bank size: the bank is
+    padded to a multiple of the devices with rows that never win; queries are replicated."""
+    bank = bank if isinstance(bank, Bank) else make_bank(bank)
     lead = queries.shape[:-1]
     q = queries.reshape(-1, queries.shape[-1]).astype(jnp.float32)
+    pad = -bank.vectors.shape[0] % mesh.size
+    vectors = jnp.pad(bank.vectors, ((0, pad), (0, 0)))
+    sq_norms = jnp.pad(bank.sq_norms, (0, pad), constant_values=jnp.inf)
 
-    def local(q, shard):
-        offset = jax.lax.axis_index(AXIS) * shard.shape[0]
-        d2, idx = _search(q, make_bank(shard), k, chunk_size, offset)
+    def local(q, vectors, sq_norms):
+        offset = jax.lax.axis_index(AXIS) * vectors.shape[0]
+        d2, idx = _search(q, Bank(vectors, sq_norms), k, chunk_size, offset)
         all_d = jax.lax.all_gather(d2, AXIS, axis=1, tiled=True)  # [m, devices·k]
         all_i = jax.lax.all_gather(idx, AXIS, axis=1, tiled=True)
         neg, pos = jax.lax.top_k(-all_d, k)
         return -neg, jnp.take_along_axis(all_i, pos, axis=1)
 
-    search = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
-    d2, idx = search(q, jnp.asarray(bank, jnp.float32))
+    search = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P()), check_vma=False)
+    d2, idx = search(q, vectors, sq_norms)
     dist = d2 if squared else jnp.sqrt(d2)
     return dist.reshape(*lead, k), idx.reshape(*lead, k)
 
 
 def reweighted_scores(
-    features: jax.Array, patch_scores: jax.Array, nn_index: jax.Array, bank: Bank, num_neighbours: int = 9
+    features: jax.Array, patch_scores: jax.Array, nn_index: jax.Array, bank: Bank, num_neighbours: int = 9,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Image scores re-weighted as in PatchCore's eq. 7.
 
@@ -105,6 +112,7 @@ def reweighted_scores(
     nearest bank patch m*; with N_b(m*) the b nearest bank patches of m* (m* itself included),
     w = 1 − exp(|m_test − m*|) / Σ_{m ∈ N_b(m*)} exp(|m_test − m|), and the score is w · s*.
     The exponentials are computed relative to their largest term, so large distances stay finite.
+    With ``mesh`` the neighbours of m* are searched in the bank split over it.
     """
     B = features.shape[0]
     flat_f = features.reshape(B, -1, features.shape[-1])
@@ -114,7 +122,10 @@ def reweighted_scores(
     s_star = jnp.take_along_axis(flat_s, worst[:, None], axis=1)[:, 0]
     m_star_idx = jnp.take_along_axis(nn_index.reshape(B, -1), worst[:, None], axis=1)[:, 0]
     m_star = bank.vectors[m_star_idx]
-    _, support = nearest(m_star, bank, k=num_neighbours)  # [B, b], m* first
+    if mesh is None:
+        _, support = nearest(m_star, bank, k=num_neighbours)  # [B, b], m* first
+    else:
+        _, support = nearest_sharded(m_star, bank, num_neighbours, mesh)
     neighbours = bank.vectors[support]  # [B, b, d]
     dists = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(neighbours - m_test[:, None]), axis=-1), 0.0))
     d_star = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(m_star - m_test), axis=-1), 0.0))

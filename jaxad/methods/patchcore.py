@@ -2,7 +2,8 @@
 patch's score is the distance to its nearest bank patch.
 
 State: ``{'bank': (n, d) float32}``; the bank's squared norms are recomputed at predict time (one
-pass over n·d, negligible next to the search).
+pass over n·d, negligible next to the search). With several local devices the search is sharded:
+each device searches a slice of the bank and the slices' nearest neighbours are merged.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from jaxad.data import Batch
 from jaxad.distances import coreset, knn
 from jaxad.errors import ConfigError, NumericsError
 from jaxad.methods.crd import patch_features
-from jaxad.runtime import compilation
+from jaxad.runtime import compilation, parallel
 
 SCORES = ("reweighted", "max")
 
@@ -63,9 +64,13 @@ def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, 
     f = patch_features(config, backbone, state["backbone"], images)
     bank = knn.make_bank(state["bank"])
     squared = config.score == "max"
-    dist, idx = knn.nearest(f, bank, k=1, chunk_size=config.chunk_size, squared=squared)
+    mesh = parallel.batch_mesh(jax.local_devices()) if jax.local_device_count() > 1 else None
+    if mesh is None:
+        dist, idx = knn.nearest(f, bank, k=1, chunk_size=config.chunk_size, squared=squared)
+    else:
+        dist, idx = knn.nearest_sharded(f, bank, 1, mesh, chunk_size=config.chunk_size, squared=squared)
     patch_scores, nn_index = dist[..., 0], idx[..., 0]
     maps = postprocess.anomaly_maps(patch_scores, images.shape[1:3], config.blur_sigma)
     if config.score == "max":
         return jnp.max(patch_scores, axis=(1, 2)), maps
-    return knn.reweighted_scores(f, patch_scores, nn_index, bank, config.num_neighbours), maps
+    return knn.reweighted_scores(f, patch_scores, nn_index, bank, config.num_neighbours, mesh), maps

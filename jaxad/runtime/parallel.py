@@ -1,8 +1,12 @@
-"""Data parallelism over every local device: batches split along their first axis.
+"""Data parallelism over every device: batches split along their first axis.
 
 One mesh axis, ``batch``. A per-shard computation whose results add up (a Gram matrix, a count,
 a loss sum) runs under ``shard_map`` and is combined with one ``psum``, so a fit on eight devices
 gives the same result as on one.
+
+In a multi-host run (:mod:`~jaxad.runtime.distributed`) the mesh spans every process's devices:
+each process passes its own part of a batch to :func:`shard_batch`, the global batch is the
+processes' parts one after the other, and the ``psum`` adds over all hosts.
 """
 
 from __future__ import annotations
@@ -20,21 +24,33 @@ AXIS = "batch"
 
 
 def batch_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all local devices)."""
-    devices = jax.local_devices() if devices is None else devices
+    """A 1-D mesh over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (AXIS,))
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    """Place arrays split along axis 0 across the mesh (axis 0 must divide evenly)."""
+    """Place arrays split along axis 0 across the mesh (axis 0 must divide evenly over this
+    process's devices of it). Over several processes, each gives its own part of the batch and
+    the result is the global batch: the processes' parts in process order."""
     sharding = NamedSharding(mesh, P(AXIS))
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place a full copy of every array on every device of the mesh."""
+    """Place a full copy of every array on every device of the mesh (over several processes,
+    every process must pass the same values)."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+    def whole(x: Any) -> jax.Array:
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(whole, tree)
 
 
 def training_mesh(batch_size: int, devices: list[jax.Device] | None = None) -> Mesh:
