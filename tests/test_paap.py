@@ -124,7 +124,7 @@ def fitted(gear, tmp_path_factory):
 
 def test_fit_script_end_to_end(fitted, gear, capsys):
     metrics = json.loads((fitted / "metrics.json").read_text())
-    assert metrics["n_train"] == 8 and 0 <= metrics["image_auroc"] <= 1 and metrics["predict_images_per_second"] > 0
+    assert metrics["n_train"] == 7 and 0 <= metrics["image_auroc"] <= 1 and metrics["predict_images_per_second"] > 0
     config, state = checkpoint.load(fitted)
     assert state["group_id"].shape == (8,) and state["rows"].shape[0] == 9
     assert len(state["leads"]) == state["mean"].shape[0] and (np.bincount(state["group_id"]) >= 3).all()

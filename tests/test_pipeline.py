@@ -65,7 +65,8 @@ def test_fit_writes_metrics_maps_and_state(fitted):
     metrics = json.loads((fitted / "metrics.json").read_text())
     for key in ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "n_train", "fit_seconds", "predict_images_per_second"]:
         assert key in metrics, key
-    assert metrics["n_train"] == 8
+    assert metrics["n_train"] == 7  # one of the 8 training images is held out for calibration
+    assert metrics["calibration"]["n_images"] == 1 and metrics["calibration"]["rule"] == "max"
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["predict_images_per_second"] > 0
     assert len(list((fitted / "maps").glob("*.png"))) == 3
     assert (fitted / "roc.png").is_file() and (fitted / "state").is_dir()
@@ -84,8 +85,10 @@ def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
     images = sorted((category / "test").rglob("*.png"))[:3]
     code, out, err = run_script("predict.py", "--workdir", fitted, "--out", tmp_path / "pred", *images, capsys=capsys)
     assert code == 0, err
-    lines = out.strip().splitlines()
-    assert len(lines) == 3 and all(float(line.split()[0]) >= 0 for line in lines)
+    header, *lines = out.strip().splitlines()
+    assert header.split() == ["score", "decision", "raw", "score", "path"]
+    assert len(lines) == 3 and all(0 <= float(line.split()[0]) <= 1 for line in lines)
+    assert all(line.split()[1] in ("anomalous", "normal") for line in lines)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
 
 
@@ -95,7 +98,7 @@ def test_predict_takes_folders_and_names_maps_apart(fitted, category, tmp_path, 
                                 capsys=capsys)
     assert code == 0, err
     images = sorted(p for p in (category / "test").rglob("*.png"))
-    assert [line.split()[1] for line in out.strip().splitlines()] == list(map(str, images))
+    assert [line.split()[3] for line in out.strip().splitlines()[1:]] == list(map(str, images))
     assert len(list((tmp_path / "pred").glob("*.png"))) == len(images)
     assert pipeline.distinct_names([Path("a/good/000.png"), Path("a/crack/000.png"), Path("b/001.png")]) == [
         "good_000", "crack_000", "b_001"]
@@ -189,7 +192,7 @@ def test_odd_but_valid_images_just_work(category, tmp_path, capsys):
     Image.fromarray(rgb[3]).resize((97, 51)).save(train[3])
     code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == 8
+    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == 7
 
 
 def test_workdir_with_foreign_files_is_refused(category, tmp_path, capsys):
@@ -258,4 +261,4 @@ def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
     code, _, err = run_script("predict.py", "--workdir", workdir, image, capsys=capsys)
     assert code != 0 and "holds one fitted model per category (a, b); pass one of them" in err
     code, out, err = run_script("predict.py", "--workdir", workdir / "b", image, capsys=capsys)
-    assert code == 0 and out.split()[1] == str(image), err
+    assert code == 0 and out.splitlines()[1].split()[3] == str(image), err
