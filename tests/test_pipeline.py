@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from jaxad import checkpoint, pipeline
-from jaxad.data import synthetic
+from jaxad.data import loader, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = ROOT / "configs"
@@ -55,10 +55,44 @@ def category(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fitted(category, tmp_path_factory) -> Path:
+def calibration_reads() -> list[Path]:
+    """Every image file read while the fit of :func:`fitted` calibrated (filled by it)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def fitted(category, tmp_path_factory, calibration_reads) -> Path:
     workdir = tmp_path_factory.mktemp("run") / "w"
-    assert run_cli("fit.py", "--method", "crd", "--data", category, "--workdir", workdir, *SMALL) == 0
+    reading, calibrating = loader.load_sample, pipeline.calibrate
+
+    def spy_read(path, *args):
+        if calibrating_now:
+            calibration_reads.append(Path(path))
+        return reading(path, *args)
+
+    def spy_calibrate(*args):
+        calibrating_now.append(True)
+        try:
+            return calibrating(*args)
+        finally:
+            calibrating_now.clear()
+
+    calibrating_now: list[bool] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader, "load_sample", spy_read)
+        patch.setattr(pipeline, "calibrate", spy_calibrate)
+        assert run_cli("fit.py", "--method", "crd", "--data", category, "--workdir", workdir, *SMALL) == 0
     return workdir
+
+
+def test_calibration_reads_held_out_training_images_only(fitted, category, calibration_reads):
+    """Thresholds set on test images would make the reported decisions meaningless: calibration
+    may read only the training images the model was not fitted on."""
+    held = {Path(p) for p in json.loads((fitted / "calibration.json").read_text())["images"]}
+    assert calibration_reads and set(calibration_reads) == held
+    train = set((category / "train" / "good").glob("*.png"))
+    assert held <= train and not held & set((category / "test").rglob("*"))
+    assert json.loads((fitted / "metrics.json").read_text())["n_train"] == len(train) - len(held)
 
 
 def test_fit_writes_metrics_maps_and_state(fitted):
@@ -72,13 +106,17 @@ def test_fit_writes_metrics_maps_and_state(fitted):
     assert (fitted / "roc.png").is_file() and (fitted / "state").is_dir()
 
 
-def test_evaluate_reproduces_the_numbers(fitted, capsys):
+def test_evaluate_reproduces_the_numbers(fitted, category, capsys):
     before = json.loads((fitted / "metrics.json").read_text())
     code, out, err = run_script("evaluate.py", "--workdir", fitted, capsys=capsys)
     assert code == 0, err
     after = json.loads((fitted / "metrics.json").read_text())
     for key in ["image_auroc", "pixel_auroc", "aupro", "pixel_ap"]:
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
+    defective = [p for p in (category / "test").rglob("*.png") if p.parent.name != "good"]
+    decisions = after["image_decisions"]  # the stored thresholds' decisions on the test images
+    assert decisions == before["image_decisions"] and decisions["tp"] + decisions["fn"] == len(defective)
+    assert "| accuracy_image | precision_image | recall_image |" in out
 
 
 def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
@@ -90,6 +128,34 @@ def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
     assert len(lines) == 3 and all(0 <= float(line.split()[0]) <= 1 for line in lines)
     assert all(line.split()[1] in ("anomalous", "normal") for line in lines)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
+
+
+def test_predict_prints_json_and_csv_whose_decisions_match_the_scores(fitted, category, tmp_path, capsys):
+    images = sorted((category / "test").rglob("*.png"))
+    code, out, err = run_script("predict.py", "--workdir", fitted, "--no-overlays", "--json", *images, capsys=capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["path"] for r in rows] == list(map(str, images)) and not (fitted / "predictions").exists()
+    threshold = json.loads((fitted / "calibration.json").read_text())["image_threshold"]
+    for r in rows:
+        assert 0 <= r["score"] <= 1 and r["decision"] == ("anomalous" if r["raw_score"] >= threshold else "normal")
+    assert any(r["decision"] == "anomalous" for r in rows)
+    code, out, err = run_script("predict.py", "--workdir", fitted, "--no-overlays", "--csv", *images[:2], capsys=capsys)
+    assert code == 0, err
+    header, *lines = out.strip().splitlines()
+    assert header == "score,decision,raw_score,path" and [line.split(",")[3] for line in lines] == list(map(str, images[:2]))
+
+
+def test_predict_streams_a_folder_in_batches(fitted, category, tmp_path, monkeypatch):
+    """The first decision comes out before the images beyond a few batches have been read."""
+    images = sorted((category / "test").rglob("*.png")) * 6  # 42 images, batches of 4
+    reads = []
+    reading = loader.load_sample
+    monkeypatch.setattr(loader, "load_sample", lambda path, *a: reads.append(path) or reading(path, *a))
+    predictions = pipeline.predict_files(fitted, images, None)
+    first = next(predictions)
+    assert first.path == images[0] and len(reads) <= 4 * 4  # a batch, and the prefetched ones
+    assert len(list(predictions)) == len(images) - 1 and len(reads) == len(images)
 
 
 def test_predict_takes_folders_and_names_maps_apart(fitted, category, tmp_path, capsys):
