@@ -63,12 +63,15 @@ def load(path: str | Path) -> Model:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: exported model not found; write one with scripts/export.py")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(archive["meta"].tobytes())
-            module = bytearray(archive["module"].tobytes())
-            stored = [archive[f"w{i}"] for i in range(len(meta["weight_dtypes"]))]
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: not an exported jaxad model ({type(err).__name__}: {err})") from None
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not an exported jaxad model ({err})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile) or not {"meta", "module"} <= set(archive.files):
+        raise ValueError(f"{path}: not an exported jaxad model (no module and meta in it); write one with scripts/export.py")
+    with archive:
+        meta = json.loads(archive["meta"].tobytes())
+        module = bytearray(archive["module"].tobytes())
+        stored = [archive[f"w{i}"] for i in range(len(meta["weight_dtypes"]))]
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, this loader reads {FORMAT!r}; export the model again")
     weights = [jax.device_put(w.view(jax.numpy.dtype(d)) if w.dtype.name != d else w)

@@ -68,18 +68,23 @@ def export(workdir: str | Path, out: str | Path, batch_size: int | None = None,
     specs = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
     images = jax.ShapeDtypeStruct((batch, *input_size, 3), jnp.uint8)
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(specs, images)
-    map_size = exported.out_avals[2].shape[1:]
     meta = {
-        "format": FORMAT, "jaxad_version": jaxad.__version__, "jax_version": jax.__version__,
-        "method": config.method, "batch_size": batch, "input_size": list(input_size),
-        "image_size": list(pipeline.image_size(config)), "map_size": list(map_size),
-        "platforms": list(exported.platforms),
+        "jaxad_version": jaxad.__version__, "method": config.method, "image_size": list(pipeline.image_size(config)),
         "calibration": {k: v for k, v in calibrated.items() if k != "images"},
-        "weight_dtypes": [w.dtype.name for w in weights],
     }
+    return write(out, exported, weights, meta)
+
+
+def write(out: str | Path, exported: jax.export.Exported, weights: list[np.ndarray], meta: dict) -> Path:
+    """Write an exported ``fn(weights, images) -> (scores, labels, maps)`` with its weights and
+    ``meta`` in the layout :func:`jaxad.deploy.load` reads; returns the path."""
+    images = exported.in_avals[-1]
+    meta = {**meta, "format": FORMAT, "jax_version": jax.__version__, "batch_size": images.shape[0],
+            "input_size": list(images.shape[1:3]), "map_size": list(exported.out_avals[2].shape[1:]),
+            "platforms": list(exported.platforms), "weight_dtypes": [np.asarray(w).dtype.name for w in weights]}
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    stored = {f"w{i}": _storable(w) for i, w in enumerate(weights)}
+    stored = {f"w{i}": _storable(np.asarray(w)) for i, w in enumerate(weights)}
     with open(out, "wb") as f:  # a file object: np.savez would append ".npz" to a path
         np.savez(f, module=np.frombuffer(exported.serialize(), np.uint8),
                  meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **stored)
