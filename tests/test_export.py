@@ -127,3 +127,16 @@ def test_exported_decisions_match_the_fitted_model(name, data, tmp_path):
     np.testing.assert_allclose(maps, want_maps, atol=1e-4)
     near = np.abs(want_scores - 0.5) < 1e-4  # a decision on the threshold may flip with rounding
     assert labels[~near].tolist() == want_labels[~near].tolist()
+
+
+@pytest.mark.parametrize("shape", [(97, 83), (40, 50)])
+def test_decoding_resizes_like_the_loader_within_a_grey_level(shape):
+    """Images of another size are resampled in the program with PIL's filter (the loader's); PIL
+    computes in fixed point, so a pixel may differ by one level of 255, and only a few do."""
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    loader = np.asarray(Image.fromarray(image).resize((64, 64), Image.Resampling.BILINEAR), np.float32) / 255
+    levels = np.abs(np.asarray(export.decode(jnp.asarray(image[None]), (64, 64)))[0] - loader) * 255
+    assert levels.max() <= 1.0 + 1e-4 and np.mean(levels > 0.5) < 0.25
+    at_size = np.resize(image, (1, 64, 64, 3))  # at the config's size nothing is resampled
+    np.testing.assert_allclose(np.asarray(export.decode(jnp.asarray(at_size), (64, 64))),
+                               at_size.astype(np.float32) / np.float32(255), rtol=2e-7)  # XLA's x/255 may be 1 ulp off
