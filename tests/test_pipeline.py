@@ -328,3 +328,21 @@ def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
     assert code != 0 and "holds one fitted model per category (a, b); pass one of them" in err
     code, out, err = run_script("predict.py", "--workdir", workdir / "b", image, capsys=capsys)
     assert code == 0 and out.splitlines()[1].split()[3] == str(image), err
+
+
+@pytest.mark.slow
+def test_fit_predict_export_and_load_elsewhere_agree(fitted, category, tmp_path, capsys):
+    """The whole path: predict.py's decisions are reproduced by the exported file in a process
+    that imports nothing of jaxad but jaxad.deploy."""
+    from test_export import load_elsewhere
+
+    images = sorted((category / "test").rglob("*.png"))
+    code, out, err = run_script("predict.py", "--workdir", fitted, "--no-overlays", "--json", *images, capsys=capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    code, out, err = run_script("export.py", "--workdir", fitted, "--out", tmp_path / "m.jaxad", capsys=capsys)
+    assert code == 0 and "crd, batch 4, uint8 images 64x64" in out, err
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
+    scores, labels, _ = load_elsewhere(tmp_path / "m.jaxad", pixels, tmp_path)
+    np.testing.assert_allclose(scores, [r["score"] for r in rows], atol=1e-4)
+    assert labels.tolist() == [r["decision"] == "anomalous" for r in rows]
