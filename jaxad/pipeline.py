@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -33,12 +33,12 @@ from jaxad.config import require_at_least
 from jaxad.data import (
     Dataset,
     Sample,
+    anomalies,
     find_categories,
     image_files,
     iterate_batches,
     open_dataset,
 )
-from jaxad.data import anomalies
 from jaxad.errors import ConfigError, DataError
 from jaxad.eval import calibration, metrics, overlay, report
 from jaxad.runtime import compilation

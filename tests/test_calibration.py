@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_pipeline import CONFIGS_DIR
 
 from jaxad import pipeline
 from jaxad.config import apply_overrides, load_config
@@ -12,8 +13,6 @@ from jaxad.data import open_dataset, synthetic, synthetic_loco
 from jaxad.errors import ConfigError, DataError
 from jaxad.eval import calibration
 from jaxad.train import loop
-
-from test_pipeline import CONFIGS_DIR
 
 
 def _maps(values):

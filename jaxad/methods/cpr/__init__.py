@@ -40,7 +40,7 @@ from jaxad.distances import windowed
 from jaxad.errors import ConfigError, DataError, NumericsError
 from jaxad.methods.cpr import foreground, retrieval
 from jaxad.methods.cpr import train as lrb_training
-from jaxad.runtime import compilation, parallel
+from jaxad.runtime import compilation
 from jaxad.train import loop
 
 FOREGROUND_CLASSIFIERS = ("lda", "logistic")
