@@ -69,6 +69,8 @@ def check_shared_settings(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"--config.aggregate={config.aggregate}: must be odd and positive (1: no aggregation)")
     require_at_least(config, 0, *[k for k in ("blur_sigma", "num_overlays") if k in config])
     calibration.check_settings(config)
+    if config.threshold_rule == "f1" and len(set(image_size(config))) > 1:
+        raise ConfigError(f"--config.threshold_rule=f1 pastes defects into square images only; image_size={config.image_size}")
 
 
 def _progress(desc: str, total: int) -> tqdm:
@@ -219,10 +221,8 @@ def synthetic_defects(config: ml_collections.ConfigDict):
     """``(i, images) -> (images with a pasted defect each, masks)``: seeded per batch ``i``
     (:func:`jaxad.data.anomalies.synthesize`, always a defect, half from procedural textures)."""
     size = image_size(config)
-    if size[0] != size[1]:
-        raise ConfigError(f"--config.threshold_rule=f1 synthesises defects on square images; image_size={config.image_size}")
-    key = jax.random.key(config.seed + 1)
-    textures = anomalies.texture_bank(jax.random.fold_in(key, -1), 8, size[0])
+    key, texture_key = jax.random.split(jax.random.key(config.seed + 1))
+    textures = anomalies.texture_bank(texture_key, 8, size[0])
     everywhere = jnp.ones(size, bool)
     paste = compilation.jit(jax.vmap(lambda k, im: anomalies.synthesize(k, im, everywhere, textures, 1.0, 0.5)))
     return lambda i, images: paste(jax.random.split(jax.random.fold_in(key, i), len(images)), jnp.asarray(images))

@@ -3,13 +3,14 @@ test split), and the decision metrics evaluate reports."""
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_pipeline import CONFIGS_DIR
 
 from jaxad import pipeline
 from jaxad.config import apply_overrides, load_config
-from jaxad.data import open_dataset, synthetic, synthetic_loco
+from jaxad.data import open_dataset, read_image, synthetic, synthetic_loco
 from jaxad.errors import ConfigError, DataError
 from jaxad.eval import calibration
 from jaxad.train import loop
@@ -117,3 +118,26 @@ def test_too_few_images_to_hold_out_say_which_key_to_change(gear):
     config = apply_overrides(load_config(CONFIGS_DIR / "crd.py"), ["--config.calibration_fraction=0.0"])
     fitted, held, _ = pipeline.split_for_calibration(config, one)
     assert fitted.train == one.train and held == ()
+
+
+def _brightness_model(images):
+    """A stand-in predictor: maps are each pixel's distance from mid-grey, scores their maximum."""
+    maps = jnp.abs(jnp.asarray(images).mean(-1) - 0.5)
+    return maps.max((1, 2)), maps
+
+
+@pytest.mark.parametrize("rule", ["max", "f1"])
+def test_pipeline_calibration_scores_the_given_images_and_pastes_defects_for_f1(gear, rule):
+    config = apply_overrides(load_config(CONFIGS_DIR / "crd.py"),
+                             ["--config.image_size=64", "--config.batch_size=4", f"--config.threshold_rule={rule}"])
+    held = gear.train[:5]
+    found = pipeline.calibrate(config, _brightness_model, held, "test")
+    scores = np.asarray(_brightness_model(np.stack([read_image(s.path) for s in held]))[0])
+    assert found["rule"] == rule and found["n_images"] == 5 and found["images"] == [str(s.path) for s in held]
+    assert found["image_low"] == pytest.approx(scores.min(), rel=1e-6)
+    if rule == "max":
+        assert found["image_threshold"] == pytest.approx(scores.max(), rel=1e-6)
+    images = jnp.asarray(np.stack([read_image(s.path) for s in held[:4]]))
+    pasted, masks = pipeline.synthetic_defects(config)(0, images)
+    assert pasted.shape == images.shape and bool(jnp.all(masks.sum((1, 2)) > 0))
+    assert np.array_equal(np.asarray(pasted), np.asarray(pipeline.synthetic_defects(config)(0, images)[0]))  # seeded
