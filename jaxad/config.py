@@ -22,6 +22,9 @@ PIPELINE_DEFAULTS = {
     "train_images": 0,  # > 0: fit on that many training images drawn at random (few-shot); 0: all
     "seed": 0,  # of that draw (and of a method's own random choices)
     "compute_dtype": "float32",  # or "bfloat16": backbone compute only
+    "calibration_fraction": 0.1,  # of the training images held out to set thresholds (0: none held out)
+    "threshold_rule": "max",  # "max" (largest normal score), "quantile" or "f1" (jaxad.eval.calibration)
+    "threshold_quantile": 0.99,  # of normal calibration scores, for threshold_rule="quantile"
 }
 # Keys a method's config gained after models were saved with it, at the value those models were
 # fitted with: a saved config that lacks one is read with it.

@@ -3,7 +3,8 @@
     python scripts/evaluate.py --workdir DIR [--data DIR]
 
 Without --data the data the model was fitted on is used; the metrics are printed and written to
-DIR/metrics.json.
+DIR/metrics.json: the threshold-free ones (AUROC, AUPRO, AP) and the accuracy, precision and recall
+of the decisions the thresholds stored at fit time make (DIR/calibration.json).
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def main() -> int:
         result = {**previous, **result, "category": previous.get("category", run.name)}
         (run / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
         results.append(result)
-    print(report.markdown_table(results, ["category", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "predict_images_per_second"]))
+    rows = [{**r, **{f"{k}_{side}": r[f"{side}_decisions"][k] for side in ("image", "pixel") if f"{side}_decisions" in r
+                     for k in ("accuracy", "precision", "recall")}} for r in results]
+    columns = ["category", "image_auroc", "pixel_auroc", "aupro", "pixel_ap", "accuracy_image", "precision_image",
+               "recall_image", "precision_pixel", "recall_pixel", "predict_images_per_second"]
+    print(report.markdown_table(rows, [c for c in columns if any(c in r for r in rows)]))
     return 0
 
 

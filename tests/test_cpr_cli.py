@@ -16,7 +16,8 @@ from jaxad.data import iterate_batches, open_dataset, synthetic
 from jaxad.methods import cpr
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=2", "--config.procedural_textures=4"]
+SMALL = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=2", "--config.procedural_textures=4",
+         "--config.calibration_fraction=0.0"]  # every training image in the bank: the tests below rebuild it
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ PACKAGE = Path(jaxad.__file__).parent
 
 # lower rank = lower layer; a module may import from a lower rank or from inside its own layer
 RANKS = {
-    "errors": 0, "runtime": 0,
+    "errors": 0, "runtime": 0, "deploy": 0,
     "config": 1,
     "checkpoint": 2,
     "data": 2, "backbones": 2, "features": 2,
@@ -17,7 +17,7 @@ RANKS = {
     "train": 4,
     "methods": 5,
     "pipeline": 6, "cli": 6,
-    "bench": 7,
+    "bench": 7, "export": 7,
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from jaxad import checkpoint, pipeline
-from jaxad.data import synthetic
+from jaxad.data import loader, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = ROOT / "configs"
@@ -55,38 +55,107 @@ def category(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fitted(category, tmp_path_factory) -> Path:
+def calibration_reads() -> list[Path]:
+    """Every image file read while the fit of :func:`fitted` calibrated (filled by it)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def fitted(category, tmp_path_factory, calibration_reads) -> Path:
     workdir = tmp_path_factory.mktemp("run") / "w"
-    assert run_cli("fit.py", "--method", "crd", "--data", category, "--workdir", workdir, *SMALL) == 0
+    reading, calibrating = loader.load_sample, pipeline.calibrate
+
+    def spy_read(path, *args):
+        if calibrating_now:
+            calibration_reads.append(Path(path))
+        return reading(path, *args)
+
+    def spy_calibrate(*args):
+        calibrating_now.append(True)
+        try:
+            return calibrating(*args)
+        finally:
+            calibrating_now.clear()
+
+    calibrating_now: list[bool] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader, "load_sample", spy_read)
+        patch.setattr(pipeline, "calibrate", spy_calibrate)
+        assert run_cli("fit.py", "--method", "crd", "--data", category, "--workdir", workdir, *SMALL) == 0
     return workdir
+
+
+def test_calibration_reads_held_out_training_images_only(fitted, category, calibration_reads):
+    """Thresholds set on test images would make the reported decisions meaningless: calibration
+    may read only the training images the model was not fitted on."""
+    held = {Path(p) for p in json.loads((fitted / "calibration.json").read_text())["images"]}
+    assert calibration_reads and set(calibration_reads) == held
+    train = set((category / "train" / "good").glob("*.png"))
+    assert held <= train and not held & set((category / "test").rglob("*"))
+    assert json.loads((fitted / "metrics.json").read_text())["n_train"] == len(train) - len(held)
 
 
 def test_fit_writes_metrics_maps_and_state(fitted):
     metrics = json.loads((fitted / "metrics.json").read_text())
     for key in ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "n_train", "fit_seconds", "predict_images_per_second"]:
         assert key in metrics, key
-    assert metrics["n_train"] == 8
+    assert metrics["n_train"] == 7  # one of the 8 training images is held out for calibration
+    assert metrics["calibration"]["n_images"] == 1 and metrics["calibration"]["rule"] == "max"
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["predict_images_per_second"] > 0
     assert len(list((fitted / "maps").glob("*.png"))) == 3
     assert (fitted / "roc.png").is_file() and (fitted / "state").is_dir()
 
 
-def test_evaluate_reproduces_the_numbers(fitted, capsys):
+def test_evaluate_reproduces_the_numbers(fitted, category, capsys):
     before = json.loads((fitted / "metrics.json").read_text())
     code, out, err = run_script("evaluate.py", "--workdir", fitted, capsys=capsys)
     assert code == 0, err
     after = json.loads((fitted / "metrics.json").read_text())
     for key in ["image_auroc", "pixel_auroc", "aupro", "pixel_ap"]:
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
+    defective = [p for p in (category / "test").rglob("*.png") if p.parent.name != "good"]
+    decisions = after["image_decisions"]  # the stored thresholds' decisions on the test images
+    assert decisions == before["image_decisions"] and decisions["tp"] + decisions["fn"] == len(defective)
+    assert "| accuracy_image | precision_image | recall_image |" in out
 
 
 def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
     images = sorted((category / "test").rglob("*.png"))[:3]
     code, out, err = run_script("predict.py", "--workdir", fitted, "--out", tmp_path / "pred", *images, capsys=capsys)
     assert code == 0, err
-    lines = out.strip().splitlines()
-    assert len(lines) == 3 and all(float(line.split()[0]) >= 0 for line in lines)
+    header, *lines = out.strip().splitlines()
+    assert header.split() == ["score", "decision", "raw", "score", "path"]
+    assert len(lines) == 3 and all(0 <= float(line.split()[0]) <= 1 for line in lines)
+    assert all(line.split()[1] in ("anomalous", "normal") for line in lines)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
+
+
+def test_predict_prints_json_and_csv_whose_decisions_match_the_scores(fitted, category, tmp_path, capsys):
+    images = sorted((category / "test").rglob("*.png"))
+    code, out, err = run_script("predict.py", "--workdir", fitted, "--no-overlays", "--json", *images, capsys=capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["path"] for r in rows] == list(map(str, images)) and not (fitted / "predictions").exists()
+    threshold = json.loads((fitted / "calibration.json").read_text())["image_threshold"]
+    for r in rows:
+        assert 0 <= r["score"] <= 1 and r["decision"] == ("anomalous" if r["raw_score"] >= threshold else "normal")
+    assert any(r["decision"] == "anomalous" for r in rows)
+    code, out, err = run_script("predict.py", "--workdir", fitted, "--no-overlays", "--csv", *images[:2], capsys=capsys)
+    assert code == 0, err
+    header, *lines = out.strip().splitlines()
+    assert header == "score,decision,raw_score,path" and [line.split(",")[3] for line in lines] == list(map(str, images[:2]))
+
+
+def test_predict_streams_a_folder_in_batches(fitted, category, tmp_path, monkeypatch):
+    """The first decision comes out before the images beyond a few batches have been read."""
+    images = sorted((category / "test").rglob("*.png")) * 6  # 42 images, batches of 4
+    reads = []
+    reading = loader.load_sample
+    monkeypatch.setattr(loader, "load_sample", lambda path, *a: reads.append(path) or reading(path, *a))
+    predictions = pipeline.predict_files(fitted, images, None)
+    first = next(predictions)
+    assert first.path == images[0] and len(reads) <= 4 * 4  # a batch, and the prefetched ones
+    assert len(list(predictions)) == len(images) - 1 and len(reads) == len(images)
 
 
 @pytest.mark.slow
@@ -96,7 +165,7 @@ def test_predict_takes_folders_and_names_maps_apart(fitted, category, tmp_path, 
                                 capsys=capsys)
     assert code == 0, err
     images = sorted(p for p in (category / "test").rglob("*.png"))
-    assert [line.split()[1] for line in out.strip().splitlines()] == list(map(str, images))
+    assert [line.split()[3] for line in out.strip().splitlines()[1:]] == list(map(str, images))
     assert len(list((tmp_path / "pred").glob("*.png"))) == len(images)
     assert pipeline.distinct_names([Path("a/good/000.png"), Path("a/crack/000.png"), Path("b/001.png")]) == [
         "good_000", "crack_000", "b_001"]
@@ -190,7 +259,7 @@ def test_odd_but_valid_images_just_work(category, tmp_path, capsys):
     Image.fromarray(rgb[3]).resize((97, 51)).save(train[3])
     code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == 8
+    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == 7
 
 
 def test_workdir_with_foreign_files_is_refused(category, tmp_path, capsys):
@@ -259,4 +328,22 @@ def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
     code, _, err = run_script("predict.py", "--workdir", workdir, image, capsys=capsys)
     assert code != 0 and "holds one fitted model per category (a, b); pass one of them" in err
     code, out, err = run_script("predict.py", "--workdir", workdir / "b", image, capsys=capsys)
-    assert code == 0 and out.split()[1] == str(image), err
+    assert code == 0 and out.splitlines()[1].split()[3] == str(image), err
+
+
+@pytest.mark.slow
+def test_fit_predict_export_and_load_elsewhere_agree(fitted, category, tmp_path, capsys):
+    """The whole path: predict.py's decisions are reproduced by the exported file in a process
+    that imports nothing of jaxad but jaxad.deploy."""
+    from test_export import load_elsewhere
+
+    images = sorted((category / "test").rglob("*.png"))
+    code, out, err = run_script("predict.py", "--workdir", fitted, "--no-overlays", "--json", *images, capsys=capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    code, out, err = run_script("export.py", "--workdir", fitted, "--out", tmp_path / "m.jaxad", capsys=capsys)
+    assert code == 0 and "crd, batch 4, uint8 images 64x64" in out, err
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
+    scores, labels, _ = load_elsewhere(tmp_path / "m.jaxad", pixels, tmp_path)
+    np.testing.assert_allclose(scores, [r["score"] for r in rows], atol=1e-4)
+    assert labels.tolist() == [r["decision"] == "anomalous" for r in rows]
