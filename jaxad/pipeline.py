@@ -296,6 +296,9 @@ def run(config: ml_collections.ConfigDict, data: Path, workdir: Path) -> list[di
     if jax.process_count() > 1 and config.method not in MULTI_HOST_METHODS:
         raise ConfigError(f"--method {config.method} fits in one process only; over several processes: "
                           f"{', '.join(MULTI_HOST_METHODS)}")
+    if jax.process_count() > 1 and str(config.get("lam")) == "auto":
+        raise ConfigError("--config.lam=auto chooses λ on images each process holds out of its own share; over "
+                          "several processes give a number (e.g. the lam a one-process fit chose, in its state)")
     categories = find_categories(data)
     backbone = load_backbone(config)
     if len(categories) == 1:
