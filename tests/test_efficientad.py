@@ -141,7 +141,7 @@ def test_pool_projection_is_torch_adaptive_average():
 
 
 TINY = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=2", "--config.train_steps=6",
-        "--config.teacher_steps=3", "--config.teacher_batch_size=2", "--config.val_fraction=0.25", "--config.log_every=3"]
+        "--config.teacher_steps=3", "--config.teacher_batch_size=2", "--config.val_fraction=0.25", "--config.validate_every=3"]
 
 
 def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
@@ -156,7 +156,18 @@ def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
     history = json.loads((workdir / "train_history.json").read_text())
     assert history["penalty"] == str(penalty) and history["n_validation"] == 2
     assert history["history"][-1]["step"] == 6 and history["history"][-1]["penalty"] > 0
-    assert "distilled here" in history["teacher"]
+    assert history["teacher"].startswith("pretrained efficientnet_lite0") and history["channels"] == 152
+    assert (workdir / "train.png").is_file() and 0 <= history["history"][-1]["val_image_auroc"] <= 1
+
+
+def test_in_fit_distillation_warns_that_it_is_not_a_teacher(tmp_path):
+    root = synthetic.generate(tmp_path / "data", seed=2, categories=["gear"], image_size=64, n_train=8,
+                              n_test_good=1, n_per_defect=1)
+    workdir = tmp_path / "w"
+    with pytest.warns(UserWarning, match="plumbing, not a teacher"):
+        assert run_cli("fit.py", "--method", "efficientad", "--data", root / "gear", "--workdir", workdir, *TINY,
+                       "--config.teacher=distil") == 0
+    assert "distilled here" in json.loads((workdir / "train_history.json").read_text())["teacher"]
 
 
 def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys, monkeypatch):
