@@ -1,7 +1,7 @@
 """PUAD: EfficientAD (configs/efficientad.py, every key of it applies) + a Mahalanobis score on
 globally pooled features, both z-scored on the validation split and summed with weights.
 
-``feature``: "student" (the student's first 384 channels, the paper's best: 93.12 mean AUROC on
+``feature``: "student" (the student's first C channels, the paper's best: 93.12 mean AUROC on
 MVTec LOCO with EfficientAD-S) or "teacher" (the standardised teacher output, 92.24).
 """
 
@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     spec.loader.exec_module(base)
     c = base.get_config()
     c.method = "puad"
-    c.feature = "student"  # "student" (first 384 channels) or "teacher"
+    c.feature = "student"  # "student" (first C channels) or "teacher"
     c.w_effad = 1.0  # weight of z(EfficientAD image score)
     c.w_maha = 1.0  # weight of z(Mahalanobis distance)
     return c

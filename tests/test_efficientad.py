@@ -143,7 +143,7 @@ def test_pool_projection_is_torch_adaptive_average():
 
 
 TINY = ["--config.image_size=64", "--config.batch_size=4", "--config.num_overlays=2", "--config.train_steps=6",
-        "--config.teacher_steps=3", "--config.teacher_batch_size=2", "--config.val_fraction=0.25", "--config.log_every=3"]
+        "--config.teacher_steps=3", "--config.teacher_batch_size=2", "--config.val_fraction=0.25", "--config.validate_every=3"]
 
 
 @pytest.mark.slow
@@ -159,7 +159,18 @@ def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
     history = json.loads((workdir / "train_history.json").read_text())
     assert history["penalty"] == str(penalty) and history["n_validation"] == 2
     assert history["history"][-1]["step"] == 6 and history["history"][-1]["penalty"] > 0
-    assert "distilled here" in history["teacher"]
+    assert history["teacher"].startswith("pretrained efficientnet_lite0") and history["channels"] == 152
+    assert (workdir / "train.png").is_file() and 0 <= history["history"][-1]["val_image_auroc"] <= 1
+
+
+def test_in_fit_distillation_warns_that_it_is_not_a_teacher(tmp_path):
+    root = synthetic.generate(tmp_path / "data", seed=2, categories=["gear"], image_size=64, n_train=8,
+                              n_test_good=1, n_per_defect=1)
+    workdir = tmp_path / "w"
+    with pytest.warns(UserWarning, match="plumbing, not a teacher"):
+        assert run_cli("fit.py", "--method", "efficientad", "--data", root / "gear", "--workdir", workdir, *TINY,
+                       "--config.teacher=distil") == 0
+    assert "distilled here" in json.loads((workdir / "train_history.json").read_text())["teacher"]
 
 
 def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys, monkeypatch):
@@ -182,3 +193,27 @@ def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys
     assert run_cli("fit.py", "--method", "efficientad", "--data", root / "gear", "--workdir", tmp_path / "w2", *TINY,
                    f"--config.teacher={teacher}", "--config.pdn=m") == 2
     assert "PDN-S" in capsys.readouterr().err
+
+
+def synthetic_scores(backbone, size: int = 128, steps: int = 150) -> float:
+    """Image AUROC of EfficientAD (default teacher) fitted on 24 normal 'grain' images and scored on
+    8 normal and 8 defective ones (holes, stains, contamination), 150 steps at 128 px, lr 1e-3."""
+    from jaxad.config import load_config
+    from jaxad.eval.metrics import image_auroc
+
+    rng = np.random.default_rng(0)
+    train = np.stack([synthetic.render_normal("grain", rng, size) for _ in range(24)])
+    defects = ["hole", "stain", "contamination", "hole", "stain", "contamination", "hole", "stain"]
+    test = [synthetic.render_example("grain", rng, size, d).image for d in [None] * 8 + defects]
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "efficientad.py")
+    config.image_size, config.train_steps, config.validate_every, config.lr = size, steps, steps, 1e-3
+    state = efficientad.fit_images(config, train.astype(np.float32), backbone)[0]
+    predict = jax.jit(lambda s, x: efficientad.predict(config, backbone, s, x))
+    scores = np.asarray(predict({**state, "backbone": backbone.variables}, jnp.asarray(np.stack(test), jnp.float32))[0])
+    return image_auroc(scores, np.r_[np.zeros(8), np.ones(8)])
+
+
+@pytest.mark.slow
+def test_default_teacher_detects_synthetic_defects_well_above_chance():
+    """Measured 0.86 (the aim is > 0.9: longer training needed); chance is 0.5."""
+    assert synthetic_scores(load("efficientnet_lite0", taps=("stage2", "stage4"))) > 0.75

@@ -1,30 +1,44 @@
-"""EfficientAD: a student PDN regresses a distilled teacher PDN locally, an autoencoder predicts the
+"""EfficientAD: a student PDN regresses a frozen teacher locally, an autoencoder predicts the
 teacher globally, and the student learns to predict the autoencoder; anomalies are where they
 disagree.
 
-Teacher. ``config.teacher`` names a teacher folder written by ``scripts/distill_teacher.py`` (the
-paper distils from WideResNet-101-2 on ImageNet; see ``configs/distill_teacher.py``). When it is
-empty, fit first distils a small teacher on the category's own training images from
-``config.backbone`` (``teacher_steps`` steps): a CPU-budget stand-in, NOT the paper's generic
-ImageNet teacher, and weaker on anything the training images do not show.
+Teacher (``config.teacher``):
+
+- ``"backbone"`` (default): the frozen pretrained ``config.backbone`` itself. Its taps
+  ``config.taps`` (Lite0 stage2 + stage4, 152 channels) are averaged over k×k neighbours
+  (``aggregate``), resized to the student's output grid and concatenated, then standardised per
+  channel with the mean and std over the training images. Student and autoencoder are sized to
+  that channel count. The paper distils a PDN from a pretrained network so the teacher is as fast
+  as the student; on a CPU without an ImageNet-scale distillation the pretrained network is the
+  better teacher, and Lite0 costs less than the student.
+- a folder written by ``scripts/distill_teacher.py``: a distilled PDN (384 channels), as the paper.
+- ``"distil"``: a PDN distilled during fit on the category's own training images for
+  ``teacher_steps`` steps. Plumbing for tests of the distillation path, not a teacher: a PDN that
+  has seen a few hundred steps is close to a random network, and the student then learns nothing
+  that separates defects from normal (image AUROC near 0.5). Fit warns when it is chosen.
 
 Training (per category, ``train_steps`` optimiser steps, batch ``train_batch_size``):
 hard-feature loss (mean of the student-teacher squared differences at or above their 0.999
 quantile) + optional penalty on generic images (``penalty_dir``; "none" drops it, the
 reproduction's default) + autoencoder loss + student-autoencoder loss on a colour-jittered copy;
 Adam with coupled L2, learning rate ×0.1 at 95 % of the steps. A seeded ``val_fraction`` of the
-training images is held out; the 0.9 / 0.995 quantiles of both anomaly maps on it normalise the
-maps at test time. Teacher, student and autoencoder run fused in one jitted predict.
+training images is held out. Every ``validate_every`` steps the held-out images and copies of them
+with synthetic anomalies (jaxad.data.anomalies) are scored: image and pixel AUROC go to
+``<workdir>/train_history.json`` and ``train.png``; schedules are chosen on this curve, never on the
+test set. After training, the 0.9 / 0.995 quantiles of both anomaly maps on the held-out normal
+images normalise the maps at test time. Teacher, student and autoencoder run fused in one jitted
+predict.
 
-State: ``{'teacher', 'student', 'ae': params, 'teacher_mean', 'teacher_std': [384],
-'quantiles': {'st', 'ae': [q_a, q_b]}, 'penalty': 1 if a penalty folder was used else 0}``.
-``<workdir>/train_history.json`` records the teacher and penalty sources and the loss history.
+State: ``{'student', 'ae': params, 'teacher_mean', 'teacher_std': [C], 'quantiles': {'st', 'ae':
+[q_a, q_b]}, 'penalty': 1 if a penalty folder was used else 0}``, plus ``'teacher'`` (PDN params)
+for a PDN teacher; a backbone teacher's weights come with the backbone (``state['backbone']``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -34,29 +48,40 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxad import postprocess
+from jaxad import features, postprocess
 from jaxad.backbones import Backbone
 from jaxad.config import require_at_least, require_between, require_positive
-from jaxad.data import Batch, image_files
+from jaxad.data import Batch, anomalies, image_files
 from jaxad.errors import ConfigError
-from jaxad.nets import PDN, Autoencoder, imagenet_normalise
+from jaxad.eval import metrics, report
+from jaxad.nets import PDN, PDN_SIZES, Autoencoder, imagenet_normalise, pdn_output_size
 from jaxad.runtime import compilation, parallel
 from jaxad.train import distillation, loop
 
-CHANNELS = distillation.TEACHER_CHANNELS  # 384; the student has twice as many
-MAP_PAD = 4  # zero border added to the 56×56 map before resizing (H/4 − 8 + 8 = H/4)
+PDN_CHANNELS = distillation.TEACHER_CHANNELS  # 384: a PDN teacher's channels
+MAP_PAD = 4  # zero border added to the H/4 − 8 map before resizing (H/4 − 8 + 8 = H/4)
+BACKBONE, DISTIL = "backbone", "distil"  # teacher sources besides a folder
+VALIDATION_TEXTURES = 16  # procedural textures the synthetic validation anomalies draw from
 
 
-def teacher_net(config: ml_collections.ConfigDict) -> PDN:
-    return PDN(CHANNELS, config.pdn, padded=False)
+def teacher_kind(config: ml_collections.ConfigDict) -> str:
+    """"backbone", "distil" or "folder"."""
+    return config.teacher if config.teacher in (BACKBONE, DISTIL) else "folder"
 
 
-def student_net(config: ml_collections.ConfigDict) -> PDN:
-    return PDN(2 * CHANNELS, config.pdn, padded=False)
+def channels(config: ml_collections.ConfigDict, backbone: Backbone) -> int:
+    """Teacher channels C: the tapped backbone channels, or a PDN teacher's 384. The student has 2C."""
+    if teacher_kind(config) == BACKBONE:
+        return sum(backbone.taps[t].channels for t in config.taps)
+    return PDN_CHANNELS
 
 
-def autoencoder() -> Autoencoder:
-    return Autoencoder(CHANNELS)
+def student_net(config: ml_collections.ConfigDict, c: int) -> PDN:
+    return PDN(2 * c, config.pdn, padded=False)
+
+
+def autoencoder(c: int) -> Autoencoder:
+    return Autoencoder(c)
 
 
 def uses_penalty(config: ml_collections.ConfigDict) -> bool:
@@ -108,24 +133,36 @@ def penalty_view(key: jax.Array, images: jax.Array, size: int) -> jax.Array:
 # ---------------------------------------------------------------- the three networks
 
 
-def teacher_features(config: ml_collections.ConfigDict, state: dict, x: jax.Array) -> jax.Array:
-    """Normalised images → teacher output standardised per channel with the category's μ, σ."""
-    t = teacher_net(config).apply({"params": state["teacher"]}, x)
-    return (t - state["teacher_mean"]) / state["teacher_std"]
+def teacher_raw(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> jax.Array:
+    """Images [B, H, W, 3] in [0, 1] → the teacher's unnormalised output on the student's grid."""
+    if teacher_kind(config) != BACKBONE:
+        return PDN(PDN_CHANNELS, config.pdn, padded=False).apply({"params": state["teacher"]}, imagenet_normalise(images))
+    maps = backbone.apply(state["backbone"], images, tuple(config.taps))
+    f = features.embed(maps, tuple(config.taps), config.aggregate)
+    g = pdn_output_size(images.shape[1]), pdn_output_size(images.shape[2])
+    return features.resize_bilinear(f, g)
 
 
-def outputs(config: ml_collections.ConfigDict, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def teacher_features(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> jax.Array:
+    """Teacher output standardised per channel with the category's μ, σ."""
+    return (teacher_raw(config, backbone, state, images) - state["teacher_mean"]) / state["teacher_std"]
+
+
+def outputs(config: ml_collections.ConfigDict, backbone: Backbone, state: dict,
+            images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Images [B, H, W, 3] in [0, 1] → (teacher, student, autoencoder) outputs, one fused graph."""
+    c = state["teacher_mean"].shape[-1]
     x = imagenet_normalise(images)
-    t = teacher_features(config, state, x)
-    s = student_net(config).apply({"params": state["student"]}, x)
-    a = autoencoder().apply({"params": state["ae"]}, x)
+    t = teacher_features(config, backbone, state, images)
+    s = student_net(config, c).apply({"params": state["student"]}, x)
+    a = autoencoder(c).apply({"params": state["ae"]}, x)
     return t, s, a
 
 
 def raw_maps(t: jax.Array, s: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(map_ST, map_AE) [B, h, w]: channel means of (T − S_local)² and (AE − S_global)²."""
-    return jnp.mean((t - s[..., :CHANNELS]) ** 2, -1), jnp.mean((a - s[..., CHANNELS:]) ** 2, -1)
+    c = t.shape[-1]
+    return jnp.mean((t - s[..., :c]) ** 2, -1), jnp.mean((a - s[..., c:]) ** 2, -1)
 
 
 def combined_map(quantiles: dict, map_st: jax.Array, map_ae: jax.Array) -> jax.Array:
@@ -142,47 +179,68 @@ def to_image(maps: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
     return postprocess.anomaly_maps(padded, image_hw, 0.0)
 
 
-def forward(config: ml_collections.ConfigDict, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def forward(config: ml_collections.ConfigDict, backbone: Backbone, state: dict,
+            images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Images [B, H, W, 3] → (pixel maps [B, H, W], teacher output, student output)."""
-    t, s, a = outputs(config, state, images)
+    t, s, a = outputs(config, backbone, state, images)
     maps = to_image(combined_map(state["quantiles"], *raw_maps(t, s, a)), images.shape[1:3])
     return maps, t, s
 
 
 def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Images [B, H, W, 3] → (image scores [B] = max of the map, maps [B, H, W]); jit with config/backbone bound."""
-    maps = forward(config, state, images)[0]
+    maps = forward(config, backbone, state, images)[0]
     return jnp.max(maps, axis=(1, 2)), maps
+
+
+def gflop_per_image(config: ml_collections.ConfigDict, backbone: Backbone, state: dict) -> float:
+    """GFLOP of one image's predict (teacher, student, autoencoder, map), XLA's cost analysis."""
+    x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    fn = jax.jit(lambda s, im: predict(config, backbone, s, im))
+    cost = fn.lower(state, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) / 1e9
 
 
 # ---------------------------------------------------------------- fit
 
 
-def _check(config: ml_collections.ConfigDict) -> None:
-    if config.pdn not in ("s", "m"):
-        raise ConfigError(f"--config.pdn={config.pdn}: choose 's' or 'm'")
+def _check(config: ml_collections.ConfigDict, backbone: Backbone) -> None:
+    if config.pdn not in PDN_SIZES:
+        raise ConfigError(f"--config.pdn={config.pdn}: choose one of {', '.join(PDN_SIZES)}")
     size = config.image_size
     if not isinstance(size, int) or size < 64 or size % 32:
         raise ConfigError(f"--config.image_size={size}: EfficientAD needs a square size, a multiple of 32, ≥ 64")
     require_at_least(config, 1, "train_steps", "train_batch_size", "teacher_steps", "teacher_batch_size",
-                     "checkpoint_every", "log_every")
+                     "checkpoint_every", "validate_every")
     require_positive(config, "lr")
     for key in ("val_fraction", "hard_quantile", "q_a", "q_b"):
         require_between(config, key, 0.0, 1.0)
     if config.q_a >= config.q_b:
         raise ConfigError(f"--config.q_a={config.q_a} / q_b={config.q_b}: q_a must be below q_b")
+    if not config.teacher:
+        raise ConfigError(f"--config.teacher is empty: give '{BACKBONE}' (the pretrained backbone), "
+                          f"a folder from scripts/distill_teacher.py, or '{DISTIL}'")
+    unknown = [t for t in config.taps if t not in backbone.taps]
+    if teacher_kind(config) != "folder" and unknown:
+        raise ConfigError(f"--config.taps: {unknown} are not taps of {backbone.name}; valid: {', '.join(backbone.taps)}")
 
 
 def teacher_for(config: ml_collections.ConfigDict, backbone: Backbone, images: np.ndarray,
                 workdir: Path | None) -> tuple[dict, str]:
-    """(teacher {'params', 'mean', 'std'}, where it came from): the configured file, else a small
-    teacher distilled on ``images`` (the category's training images) as a CPU-budget stand-in."""
-    if config.teacher:
+    """(the teacher's frozen weights for the state, where they came from)."""
+    kind = teacher_kind(config)
+    if kind == BACKBONE:
+        return {"backbone": backbone.variables}, (f"pretrained {backbone.name} {tuple(config.taps)}, "
+                                                  f"{config.aggregate}x{config.aggregate} average")
+    if kind == "folder":
         settings, teacher = distillation.load_teacher(config.teacher)
         if settings.pdn != config.pdn:
             raise ConfigError(f"--config.teacher={config.teacher} is a PDN-{settings.pdn.upper()}, "
                               f"but --config.pdn={config.pdn}")
-        return teacher, f"file {config.teacher}"
+        return {"teacher": teacher["params"]}, f"file {config.teacher}"
+    warnings.warn(f"--config.teacher={DISTIL}: a PDN distilled for {config.teacher_steps} steps on the training "
+                  "images is plumbing, not a teacher; expect chance-level detection", stacklevel=2)
     settings = distillation.Settings(
         pdn=config.pdn, backbone=config.backbone, taps=tuple(config.taps), aggregate=config.aggregate,
         projection=config.teacher_projection, image_size=config.image_size, target_size=config.image_size,
@@ -192,18 +250,19 @@ def teacher_for(config: ml_collections.ConfigDict, backbone: Backbone, images: n
         stats_batches=loop.random_batches(images, settings.batch_size, config.seed + 1),
         checkpoint_dir=None if workdir is None else workdir / "teacher", checkpoint_every=config.checkpoint_every,
         run=loop.run_identity(config.to_dict(), ("teacher_steps", "train_steps")))
-    source = (f"distilled here on {len(images)} training images, {config.teacher_steps} steps, "
-              f"from {config.backbone} {tuple(config.taps)} (CPU stand-in, not an ImageNet teacher)")
-    return teacher, source
+    source = (f"distilled here on {len(images)} training images, {config.teacher_steps} steps "
+              f"(plumbing, not a teacher)")
+    return {"teacher": teacher["params"]}, source
 
 
-def teacher_stats(config: ml_collections.ConfigDict, params: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def teacher_stats(config: ml_collections.ConfigDict, backbone: Backbone, frozen: dict,
+                  images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and population std of the teacher's outputs on unaugmented images."""
-    run = compilation.jit(lambda x: teacher_net(config).apply({"params": params}, imagenet_normalise(x)))
+    run = compilation.jit(lambda x: teacher_raw(config, backbone, frozen, x))
     s1 = s2 = 0.0
     n = 0
     for f in compilation.in_fixed_batches(run, images, config.batch_size):
-        f = np.asarray(f, np.float64).reshape(-1, CHANNELS)  # float64 sums: no cancellation in E[x²] − E[x]²
+        f = np.asarray(f, np.float64).reshape(-1, f.shape[-1])  # float64 sums: no cancellation in E[x²] − E[x]²
         s1, s2, n = s1 + f.sum(0), s2 + (f * f).sum(0), n + len(f)
     mean = s1 / n
     std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
@@ -217,36 +276,37 @@ def optimiser(config: ml_collections.ConfigDict) -> optax.GradientTransformation
     return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(schedule))
 
 
-def make_step(config: ml_collections.ConfigDict, frozen: dict) -> Callable:
-    """The jitted ``(train_state, (images, penalty_images), key) -> (train_state, metrics)``."""
+def make_update(config: ml_collections.ConfigDict, backbone: Backbone, frozen: dict) -> Callable:
+    """The jitted ``(params, opt, (images, penalty_images), key) -> (params, opt, metrics)``."""
     tx, penalty = optimiser(config), uses_penalty(config)
-    student, ae = student_net(config), autoencoder()
+    c = frozen["teacher_mean"].shape[-1]
+    student, ae = student_net(config, c), autoencoder(c)
 
     def loss_fn(params, images, generic, key):
         k_aug, k_drop, k_pen = jax.random.split(key, 3)
-        x = imagenet_normalise(images)
-        t = teacher_features(config, frozen, x)
-        s = student.apply({"params": params["student"]}, x)
-        l_hard = hard_feature_loss((t - s[..., :CHANNELS]) ** 2, config.hard_quantile)
+        t = teacher_features(config, backbone, frozen, images)
+        s = student.apply({"params": params["student"]}, imagenet_normalise(images))
+        l_hard = hard_feature_loss((t - s[..., :c]) ** 2, config.hard_quantile)
         l_pen = jnp.zeros((), jnp.float32)
         if penalty:
             p = imagenet_normalise(penalty_view(k_pen, generic, images.shape[1]))
-            l_pen = jnp.mean(student.apply({"params": params["student"]}, p)[..., :CHANNELS] ** 2)
-        x_aug = imagenet_normalise(colour_jitter(k_aug, images))
-        t_aug = teacher_features(config, frozen, x_aug)
+            l_pen = jnp.mean(student.apply({"params": params["student"]}, p)[..., :c] ** 2)
+        jittered = colour_jitter(k_aug, images)
+        x_aug = imagenet_normalise(jittered)
+        t_aug = teacher_features(config, backbone, frozen, jittered)
         a = ae.apply({"params": params["ae"]}, x_aug, train=True, rngs={"dropout": k_drop})
-        s_aug = student.apply({"params": params["student"]}, x_aug)[..., CHANNELS:]
+        s_aug = student.apply({"params": params["student"]}, x_aug)[..., c:]
         l_ae, l_stae = jnp.mean((t_aug - a) ** 2), jnp.mean((a - s_aug) ** 2)
         total = l_hard + l_pen + l_ae + l_stae
         return total, {"loss": total, "hard": l_hard, "penalty": l_pen, "ae": l_ae, "stae": l_stae}
 
     @compilation.jit
-    def step(state: dict, batch: tuple[jax.Array, jax.Array], key: jax.Array) -> tuple[dict, dict]:
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"], *batch, key)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, metrics
+    def update(params: dict, opt: dict, batch: tuple[jax.Array, jax.Array], key: jax.Array):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, *batch, key)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, metrics
 
-    return step
+    return update
 
 
 def train_batches(config: ml_collections.ConfigDict, images: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -260,49 +320,114 @@ def train_batches(config: ml_collections.ConfigDict, images: np.ndarray) -> Iter
     return zip(own, generic)
 
 
-def validation_quantiles(config: ml_collections.ConfigDict, state: dict, images: np.ndarray) -> dict:
-    """q_a and q_b of map_ST and map_AE over every pixel of the validation maps."""
-    run = compilation.jit(lambda x: raw_maps(*outputs(config, state, x)))
-    parts = compilation.in_fixed_batches(run, images, config.batch_size)
+# ---------------------------------------------------------------- validation
+
+
+def validation_set(config: ml_collections.ConfigDict, images: np.ndarray) -> dict:
+    """The held-out normal images and one copy of each with a synthetic anomaly (Perlin-shaped,
+    texture or tile-shuffled self), fixed for the whole fit: {'normal', 'anomalous', 'masks'}."""
+    key_textures, key_synth = jax.random.split(jax.random.key(config.seed + 7))
+    size = images.shape[1]
+    textures = anomalies.texture_bank(key_textures, VALIDATION_TEXTURES, size)
+    everywhere = jnp.ones((size, size), bool)
+    synth = compilation.jit(jax.vmap(lambda k, im: anomalies.synthesize(k, im, everywhere, textures, 1.0)))
+    anomalous, masks = synth(jax.random.split(key_synth, len(images)), jnp.asarray(images))
+    return {"normal": images, "anomalous": np.asarray(anomalous), "masks": np.asarray(masks) > 0.5}
+
+
+def map_quantiles(config: ml_collections.ConfigDict, maps: tuple[np.ndarray, np.ndarray]) -> dict:
+    """q_a and q_b of map_ST and map_AE over every pixel of the held-out normal images' maps."""
     qs = (config.q_a, config.q_b)
-    st = np.quantile(np.concatenate([p[0] for p in parts]), qs)
-    ae = np.quantile(np.concatenate([p[1] for p in parts]), qs)
-    return {"st": jnp.asarray(st, jnp.float32), "ae": jnp.asarray(ae, jnp.float32)}
+    return {k: jnp.asarray(np.quantile(m, qs), jnp.float32) for k, m in zip(("st", "ae"), maps)}
+
+
+def make_validator(config: ml_collections.ConfigDict, backbone: Backbone, frozen: dict,
+                   val: dict) -> Callable[[dict], dict[str, float]]:
+    """``params -> {'val_image_auroc', 'val_pixel_auroc'}`` on the synthetic validation set, the maps
+    normalised with quantiles of the normal images' maps (as after training)."""
+    run = compilation.jit(lambda params, x: raw_maps(*outputs(config, backbone, {**frozen, **params}, x)))
+    combine = compilation.jit(lambda q, st, ae: to_image(combined_map(q, st, ae), val["masks"].shape[1:3]))
+    n = len(val["normal"])
+    labels = np.r_[np.zeros(n, bool), np.ones(n, bool)]
+    masks = np.concatenate([np.zeros_like(val["masks"]), val["masks"]])
+
+    def validate(params: dict) -> dict[str, float]:
+        normal, anomalous = (compilation.in_fixed_batches(lambda x: run(params, x), val[k], config.batch_size)
+                             for k in ("normal", "anomalous"))
+        st_n, ae_n = (np.concatenate([p[i] for p in normal]) for i in (0, 1))
+        st_a, ae_a = (np.concatenate([p[i] for p in anomalous]) for i in (0, 1))
+        q = map_quantiles(config, (st_n, ae_n))
+        maps = np.asarray(combine(q, np.concatenate([st_n, st_a]), np.concatenate([ae_n, ae_a])))
+        return {"val_image_auroc": metrics.image_auroc(maps.max(axis=(1, 2)), labels),
+                "val_pixel_auroc": metrics.pixel_auroc(maps, masks)}
+
+    return validate
+
+
+def make_step(update: Callable, validate: Callable, config: ml_collections.ConfigDict) -> Callable:
+    """``(state, batch, key) -> (state, metrics)`` for :func:`jaxad.train.loop.train`: one update,
+    then the validation metrics when the step is a logged one (every ``validate_every``, and the last)."""
+    def step(state: dict, batch: tuple, key: jax.Array) -> tuple[dict, dict]:
+        params, opt, metrics = update(state["params"], state["opt"], batch, key)
+        done = int(state["step"]) + 1
+        state = {"params": params, "opt": opt, "step": jnp.asarray(done, jnp.int32)}
+        if done % config.validate_every == 0 or done == config.train_steps:
+            metrics = {**metrics, **validate(params)}
+        return state, metrics
+
+    return step
+
+
+def save_curve(workdir: Path, history: list[dict]) -> None:
+    """train.png: validation image / pixel AUROC against the step."""
+    steps = [h["step"] for h in history if "val_image_auroc" in h]
+    series = {name: (steps, [h[f"val_{name.replace(' ', '_')}_auroc"] for h in history if "val_image_auroc" in h])
+              for name in ("image", "pixel")}
+    report.save_line_plot(workdir / "train.png", series, "step", "AUROC (held-out, synthetic anomalies)",
+                          "EfficientAD validation", ylim=(0.0, 1.0))
 
 
 def fit_images(config: ml_collections.ConfigDict, images: np.ndarray, backbone: Backbone) -> tuple[dict, np.ndarray, np.ndarray]:
     """Fit on images in memory; returns (state, train indices, validation indices) of ``images``."""
-    _check(config)
+    _check(config, backbone)
     train_idx, val_idx = loop.hold_out(len(images), config.val_fraction, config.seed)
     if len(val_idx) == 0:
         raise ConfigError(f"EfficientAD needs ≥ 2 training images (a validation split); got {len(images)}")
     train_images = images[train_idx]
     workdir = Path(config.workdir) if "workdir" in config else None
     start = time.perf_counter()
-    teacher, teacher_source = teacher_for(config, backbone, train_images, workdir)
+    frozen, teacher_source = teacher_for(config, backbone, train_images, workdir)
     teacher_seconds = time.perf_counter() - start
-    mean, std = teacher_stats(config, teacher["params"], train_images)
-    frozen = {"teacher": teacher["params"], "teacher_mean": jnp.asarray(mean), "teacher_std": jnp.asarray(std)}
+    mean, std = teacher_stats(config, backbone, frozen, train_images)
+    frozen = {**frozen, "teacher_mean": jnp.asarray(mean), "teacher_std": jnp.asarray(std)}
+    c = len(mean)
     k_student, k_ae, k_train = jax.random.split(jax.random.key(config.seed), 3)
     dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    params = {"student": compilation.init(student_net(config), k_student, dummy)["params"],
-              "ae": compilation.init(autoencoder(), k_ae, dummy)["params"]}
+    params = {"student": compilation.init(student_net(config, c), k_student, dummy)["params"],
+              "ae": compilation.init(autoencoder(c), k_ae, dummy)["params"]}
+    validate = make_validator(config, backbone, frozen, validation_set(config, images[val_idx]))
+    state = {"params": params, "opt": optimiser(config).init(params), "step": jnp.zeros((), jnp.int32)}
     start = time.perf_counter()
     trained, history = loop.train(
-        make_step(config, frozen), {"params": params, "opt": optimiser(config).init(params)},
+        make_step(make_update(config, backbone, frozen), validate, config), state,
         train_batches(config, train_images), config.train_steps, k_train,
         checkpoint_dir=None if workdir is None else workdir / "train", checkpoint_every=config.checkpoint_every,
-        desc="efficientad", log_every=config.log_every, mesh=parallel.training_mesh(config.train_batch_size),
+        desc="efficientad", log_every=config.validate_every, mesh=parallel.training_mesh(config.train_batch_size),
         run=loop.run_identity(config.to_dict()))
     train_seconds = time.perf_counter() - start
     state = {**frozen, **trained["params"], "penalty": np.int32(uses_penalty(config))}
-    state["quantiles"] = validation_quantiles(config, state, images[val_idx])
+    run = compilation.jit(lambda x: raw_maps(*outputs(config, backbone, state, x)))
+    parts = compilation.in_fixed_batches(run, images[val_idx], config.batch_size)
+    state["quantiles"] = map_quantiles(config, [np.concatenate([p[i] for p in parts]) for i in (0, 1)])
+    state.pop("backbone", None)  # the backbone's weights travel with the backbone, not the state
     if workdir is not None:
-        record = {"teacher": teacher_source, "penalty": config.penalty_dir if uses_penalty(config) else "none (dropped)",
+        record = {"teacher": teacher_source, "channels": c, "pdn": config.pdn,
+                  "penalty": config.penalty_dir if uses_penalty(config) else "none (dropped)",
                   "n_train": len(train_idx), "n_validation": len(val_idx), "train_steps": config.train_steps,
                   "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
                   "quantiles": {k: np.asarray(v).tolist() for k, v in state["quantiles"].items()}, "history": history}
         (workdir / "train_history.json").write_text(json.dumps(record, indent=2) + "\n")
+        save_curve(workdir, history)
     return state, train_idx, val_idx
 
 
@@ -313,6 +438,6 @@ def fit(
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Collect the training images, hold out the validation split, distil or load the teacher,
-    train student + autoencoder, then set the map quantiles on the validation split."""
+    """Collect the training images, hold out the validation split, set up the teacher, train
+    student + autoencoder (validated on synthetic anomalies), then set the map quantiles."""
     return fit_images(config, loop.collect_images(batches, progress), backbone)[0]

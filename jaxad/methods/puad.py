@@ -2,8 +2,8 @@
 student features for those it cannot ("unpicturable", e.g. a wrong number of parts).
 
 Fit: EfficientAD's fit, then on the training images (not the validation split) the
-global-average-pooled features — the student's first 384 channels (the half regressing the
-teacher, the paper's best choice), or the standardised teacher output with ``feature='teacher'``
+global-average-pooled features — the student's first C channels (the half regressing the
+C-channel teacher, the paper's best choice), or the standardised teacher output with ``feature='teacher'``
 — get a mean and a Ledoit-Wolf shrunk covariance; its pseudo-inverse is the precision (as the
 spec and the reference code ask: Ledoit-Wolf shrinkage makes the covariance full rank whenever
 the shrinkage is > 0, so pinv is then the ordinary inverse, computed once at fit time; predict
@@ -11,7 +11,7 @@ is one matmul). On the validation split the EfficientAD image scores and the Mah
 distances give a mean and a population std each; the final score is
 ``w_effad·z(EfficientAD) + w_maha·z(Mahalanobis)``. The pixel map is EfficientAD's.
 
-State: EfficientAD's state plus ``{'gauss_mean': [384], 'precision': [384, 384],
+State: EfficientAD's state plus ``{'gauss_mean': [C], 'precision': [C, C],
 'z_effad': [mean, std], 'z_maha': [mean, std]}``.
 """
 
@@ -51,14 +51,14 @@ def mahalanobis(f: jax.Array, mean: jax.Array, precision: jax.Array) -> jax.Arra
 
 
 def pooled_features(config: ml_collections.ConfigDict, t: jax.Array, s: jax.Array) -> jax.Array:
-    """Global average pool of the student's first 384 channels (or of the teacher output) → [B, 384]."""
-    f = s[..., : efficientad.CHANNELS] if config.feature == "student" else t
+    """Global average pool of the student's first C channels (or of the C-channel teacher output) → [B, C]."""
+    f = s[..., : t.shape[-1]] if config.feature == "student" else t
     return jnp.mean(f, axis=(1, 2))
 
 
-def scores(config: ml_collections.ConfigDict, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def scores(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(EfficientAD image scores [B], Mahalanobis scores [B], EfficientAD maps [B, H, W]) in one pass."""
-    maps, t, s = efficientad.forward(config, state, images)
+    maps, t, s = efficientad.forward(config, backbone, state, images)
     maha = mahalanobis(pooled_features(config, t, s), state["gauss_mean"], state["precision"])
     return jnp.max(maps, axis=(1, 2)), maha, maps
 
@@ -71,7 +71,7 @@ def z_stats(values: np.ndarray) -> np.ndarray:
 
 def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Images [B, H, W, 3] → (w₁·z(EfficientAD) + w₂·z(Mahalanobis) [B], EfficientAD maps [B, H, W])."""
-    effad, maha, maps = scores(config, state, images)
+    effad, maha, maps = scores(config, backbone, state, images)
     z_e = (effad - state["z_effad"][0]) / state["z_effad"][1]
     z_m = (maha - state["z_maha"][0]) / state["z_maha"][1]
     return config.w_effad * z_e + config.w_maha * z_m, maps
@@ -89,12 +89,13 @@ def fit(
         raise ConfigError(f"--config.feature={config.feature}: choose one of {', '.join(FEATURES)}")
     images = loop.collect_images(batches, progress)
     state, train_idx, val_idx = efficientad.fit_images(config, images, backbone)
-    pool = compilation.jit(lambda x: pooled_features(config, *efficientad.outputs(config, state, x)[:2]))
+    runtime = {**state, "backbone": backbone.variables}
+    pool = compilation.jit(lambda x: pooled_features(config, *efficientad.outputs(config, backbone, runtime, x)[:2]))
     f = np.concatenate(compilation.in_fixed_batches(pool, images[train_idx], config.batch_size))
     cov, _ = ledoit_wolf(f)
-    state = {**state, "gauss_mean": jnp.asarray(f.mean(0), jnp.float32),
+    gauss = {"gauss_mean": jnp.asarray(f.mean(0), jnp.float32),
              "precision": jnp.asarray(np.linalg.pinv(cov, hermitian=True), jnp.float32)}
-    run = compilation.jit(lambda x: scores(config, state, x)[:2])
+    run = compilation.jit(lambda x: scores(config, backbone, {**runtime, **gauss}, x)[:2])
     parts = compilation.in_fixed_batches(run, images[val_idx], config.batch_size)
     effad, maha = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
-    return {**state, "z_effad": z_stats(effad), "z_maha": z_stats(maha)}
+    return {**state, **gauss, "z_effad": z_stats(effad), "z_maha": z_stats(maha)}

@@ -4,6 +4,7 @@ EfficientAD's PDN and autoencoder (:mod:`~jaxad.nets.pdn`), CPR's local retrieva
 
 from jaxad.nets.pdn import (
     PDN,
+    PDN_SIZES,
     Autoencoder,
     imagenet_normalise,
     pdn_m,
@@ -11,4 +12,4 @@ from jaxad.nets.pdn import (
     pdn_s,
 )
 
-__all__ = ["PDN", "Autoencoder", "imagenet_normalise", "pdn_m", "pdn_s", "pdn_output_size"]
+__all__ = ["PDN", "PDN_SIZES", "Autoencoder", "imagenet_normalise", "pdn_m", "pdn_s", "pdn_output_size"]

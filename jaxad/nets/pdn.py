@@ -46,16 +46,21 @@ def _conv(x: jax.Array, features: int, kernel: int, pad: int, name: str, stride:
 
 
 # (out channels or "C", kernel, padding of the padded variant); "pool" = AvgPool(2, 2, padding 1).
+# "xs": PDN-S at a quarter of its widths (not in the paper), for a CPU budget.
 _LAYERS = {
+    "xs": ((32, 4, 3), "pool", (64, 4, 3), "pool", (64, 3, 1), ("C", 4, 0)),
     "s": ((128, 4, 3), "pool", (256, 4, 3), "pool", (256, 3, 1), ("C", 4, 0)),
     "m": ((256, 4, 3), "pool", (512, 4, 3), "pool", (512, 1, 0), (512, 3, 1), ("C", 4, 0), ("C", 1, 0)),
 }
 
 
+PDN_SIZES = tuple(_LAYERS)
+
+
 class PDN(nn.Module):
     """Patch description network: images [B, H, W, 3] (already normalised) → [B, h, w, out_channels].
 
-    ``size``: "s" or "m". ``padded``: the paper's paddings (teacher distillation) or none (training
+    ``size``: "xs", "s" or "m". ``padded``: the paper's paddings (teacher distillation) or none (training
     and inference). ReLU follows every conv except the last.
     """
 
@@ -86,7 +91,7 @@ pdn_m = partial(PDN, size="m")
 
 
 def pdn_output_size(image_size: int, padded: bool = False) -> int:
-    """Side of a PDN's output map for a square input (the same for PDN-S and PDN-M)."""
+    """Side of a PDN's output map for a square input (the same for every size)."""
     n = image_size + (6 if padded else 0) - 3  # conv k4 (p3)
     n = (n + (2 if padded else 0) - 2) // 2 + 1  # pool
     n = n + (6 if padded else 0) - 3  # conv k4 (p3)

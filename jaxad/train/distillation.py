@@ -31,7 +31,7 @@ from jaxad import checkpoint, features
 from jaxad.backbones import Backbone
 from jaxad.data.images import read_image
 from jaxad.errors import ConfigError
-from jaxad.nets import PDN, imagenet_normalise, pdn_output_size
+from jaxad.nets import PDN, PDN_SIZES, imagenet_normalise, pdn_output_size
 from jaxad.runtime import compilation, parallel
 from jaxad.train import loop
 
@@ -43,7 +43,7 @@ PROJECTIONS = ("pool", "random")
 class Settings:
     """What defines a distillation run (saved beside the teacher)."""
 
-    pdn: str = "s"  # "s" or "m"
+    pdn: str = "s"  # "xs", "s" or "m"
     backbone: str = "efficientnet_lite0"
     taps: tuple[str, ...] = ("stage2", "stage4")
     aggregate: int = 3  # k of the k×k local average of each tap
@@ -145,8 +145,8 @@ def distil(settings: Settings, backbone: Backbone, batches: Iterator[np.ndarray]
     ``batches`` and ``stats_batches`` yield [B, S, S, 3] images in [0, 1] with S ≥ both sizes
     (they are resized on the device to ``image_size`` and ``target_size``).
     """
-    if settings.pdn not in ("s", "m"):
-        raise ConfigError(f"pdn={settings.pdn!r}: choose 's' or 'm'")
+    if settings.pdn not in PDN_SIZES:
+        raise ConfigError(f"pdn={settings.pdn!r}: choose one of {', '.join(PDN_SIZES)}")
     unknown = [t for t in settings.taps if t not in backbone.taps]
     if unknown:
         raise ConfigError(f"taps {unknown} are not taps of {backbone.name}; valid: {', '.join(backbone.taps)}")
