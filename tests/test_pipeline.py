@@ -305,7 +305,7 @@ def test_bfloat16_backbone_compute_runs_and_a_bad_dtype_is_one_line(category, tm
     ("simplenet", "--config.dsc_lr=0.0", "dsc_lr=0.0: must be in (0.0, inf)"),
     ("paap", "--config.ridge=-1.0", "ridge=-1.0: must be at least 0"),
     ("efficientad", "--config.q_a=0.999", "q_a=0.999 / q_b=0.995: q_a must be below q_b"),
-    ("puad", "--config.log_every=0", "log_every=0: must be at least 1"),
+    ("puad", "--config.validate_every=0", "validate_every=0: must be at least 1"),
     ("cpr_faster", "--config.top_k=0", "top_k=0: must be at least 1"),
     ("cpr_faster", "--config.val_fraction=1.0", "val_fraction=1.0: must be in [0.0, 1.0)"),
 ])
