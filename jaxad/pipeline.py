@@ -223,4 +223,4 @@ def predict_files(workdir: Path, paths: list[Path], out_dir: Path) -> list[float
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    checkpoint.write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
