@@ -243,7 +243,7 @@ def predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, 
     On a single CPU device the images go through one at a time: a whole batch's window stacks and
     image-sized maps overflow the caches; at batch 16 one at a time gave CPR-Faster 1.8× the
     throughput (BENCHMARKS.md, cpr-speed-mvtec_bottle-cpu). On GPU/TPU the batch is one computation."""
-    return parallel.in_small_batches_on_cpu(partial(_predict, config, backbone, state), images, 1)
+    return compilation.in_small_batches_on_cpu(partial(_predict, config, backbone, state), images, 1)
 
 
 def _predict(config: ml_collections.ConfigDict, backbone: Backbone, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
