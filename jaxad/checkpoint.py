@@ -3,13 +3,22 @@
 A workdir holds ``config.json``, ``state/`` (orbax) and the run's reports. A marker file tells a
 jaxad workdir from a user's folder, so jaxad replaces its own earlier outputs but never writes
 into a folder holding anything else.
+
+Crash safety: every file is written to a temporary name and renamed into place, and
+``complete.json`` (holding :data:`FORMAT_VERSION`) is written last and removed first, so a process
+killed at any point leaves either the previous complete model or a workdir that :func:`load`
+reports as incomplete. A lock file refuses a second process writing the same workdir; the lock
+dies with its process, so a killed fit leaves none behind.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import ml_collections
@@ -20,18 +29,55 @@ from jaxad.config import completed
 from jaxad.errors import ConfigError
 
 MARKER = "jaxad_run.json"
+COMPLETE = "complete.json"  # written last: the state and config beside it are whole
+LOCK = ".jaxad.lock"
+FORMAT_VERSION = 2  # 1: before complete.json existed; bump when state/ or config.json change meaning
+
+_held: dict[Path, TextIO] = {}  # the workdirs this process has locked, with their open lock files
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _lock(workdir: Path, option: str) -> None:
+    """Hold an exclusive lock on ``workdir`` for the rest of this process, or refuse."""
+    if workdir in _held:
+        return
+    f = open(workdir / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(f"{workdir}: another jaxad process (pid {owner}) is writing this {option}; "
+                          f"wait for it to finish or choose another {option}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held[workdir] = f
 
 
 def prepare_workdir(workdir: str | Path, option: str = "--workdir") -> Path:
-    """Create ``workdir`` or reuse one that jaxad made; refuse a folder holding other files.
-    ``option`` names the command-line flag that chose the folder, for the error."""
+    """Create ``workdir`` or reuse one that jaxad made, locked for this process; refuse a folder
+    holding other files, or one another process is writing. ``option`` names the command-line flag
+    that chose the folder, for the error."""
     workdir = Path(workdir).expanduser().resolve()
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"{workdir}: {option} is a file; choose a folder")
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
         raise ConfigError(f"{workdir}: holds files that jaxad did not write; choose an empty or new {option}")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / MARKER).write_text(json.dumps({"written_by": "jaxad"}) + "\n")
+    _lock(workdir, option)
+    write_text(workdir / MARKER, json.dumps({"written_by": "jaxad"}) + "\n")
     return workdir
 
 
@@ -59,7 +105,7 @@ def load_arrays(path: str | Path) -> Any:
 
 def fitted_runs(folder: str | Path) -> list[Path]:
     """The workdirs directly inside ``folder`` that jaxad fitted (one per category of a multi-category
-    fit), sorted; none when ``folder`` is not a folder."""
+    fit, complete or not: loading an incomplete one says so), sorted; none when ``folder`` is not a folder."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         return []
@@ -67,24 +113,54 @@ def fitted_runs(folder: str | Path) -> list[Path]:
 
 
 def save(workdir: Path, config: ml_collections.ConfigDict, state: Any) -> None:
-    """Write ``config.json`` and the state pytree (replacing a previous one of this workdir)."""
+    """Write ``config.json`` and the state pytree (replacing a previous one of this workdir), then
+    ``complete.json``; each step replaces whole files, so a kill anywhere leaves an incomplete mark."""
     workdir = Path(workdir).resolve()
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
-    save_arrays(workdir / "state", state)
+    (workdir / COMPLETE).unlink(missing_ok=True)
+    partial = workdir / "state.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    save_arrays(partial, state)
+    shutil.rmtree(workdir / "state", ignore_errors=True)
+    os.replace(partial, workdir / "state")
+    write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2, default=list) + "\n")
+    write_text(workdir / COMPLETE, json.dumps({"format_version": FORMAT_VERSION}) + "\n")
 
 
 def load(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
     """Read back what :func:`save` wrote; arrays come back as numpy. A config saved before a key
     was added is completed with the value it was fitted with (:func:`jaxad.config.completed`)."""
     workdir = Path(workdir).expanduser().resolve()
-    if not (workdir / "config.json").is_file() or not (workdir / "state").is_dir():
+    if not (workdir / COMPLETE).is_file():
         fitted = fitted_runs(workdir)
         if fitted:
             raise ConfigError(f"{workdir}: holds one fitted model per category ({', '.join(p.name for p in fitted)}); "
                               f"pass one of them, e.g. {fitted[0]}")
-        raise ConfigError(f"{workdir}: no fitted model here (config.json and state/ missing); run scripts/fit.py first")
-    raw = json.loads((workdir / "config.json").read_text())
-    return completed(ml_collections.ConfigDict(_tuples(raw))), load_arrays(workdir / "state")
+        if not (workdir / MARKER).is_file():
+            raise ConfigError(f"{workdir}: no fitted model here (config.json and state/ missing); run scripts/fit.py first")
+    _check_complete(workdir)
+    try:
+        raw = json.loads((workdir / "config.json").read_text())
+        arrays = load_arrays(workdir / "state")
+    except Exception as e:  # orbax and json raise many kinds on damaged files
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise ConfigError(f"{workdir}: config.json or state/ is corrupt or truncated ({reason}); "
+                          f"fit again with scripts/fit.py --workdir {workdir}") from e
+    return completed(ml_collections.ConfigDict(_tuples(raw))), arrays
+
+
+def _check_complete(workdir: Path) -> None:
+    """ConfigError unless ``complete.json`` says a save of this format version finished."""
+    redo = f"fit again with scripts/fit.py --workdir {workdir} (trained methods resume from their last checkpoint)"
+    if not (workdir / COMPLETE).is_file():
+        raise ConfigError(f"{workdir}: incomplete workdir (no {COMPLETE}): a fit stopped before saving finished, "
+                          f"or jaxad before format version {FORMAT_VERSION} wrote it; {redo}")
+    try:
+        version = json.loads((workdir / COMPLETE).read_text())["format_version"]
+    except (ValueError, KeyError, TypeError):
+        version = "unreadable"
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{workdir}: written in workdir format version {version}, this jaxad reads version "
+                          f"{FORMAT_VERSION}; {redo}")
 
 
 def _tuples(node: Any) -> Any:

@@ -373,4 +373,4 @@ def predict_files(workdir: Path, paths: Sequence[Path], out_dir: Path | None) ->
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    checkpoint.write_text(path, json.dumps(obj, indent=2, default=float) + "\n")

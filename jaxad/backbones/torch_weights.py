@@ -1,7 +1,9 @@
 """Read PyTorch ``.pth`` (zip and legacy) and ``.safetensors`` weight files into numpy, without torch.
 
 ``torch.load`` can run any code a pickle names; this unpickler resolves only the few globals a
-state dict needs, so reading an untrusted weight file cannot execute anything.
+state dict needs, so reading an untrusted weight file cannot execute anything. Sizes are checked
+before memory is taken: a tensor may not hold more elements than its storage, and a zip member may
+not inflate past :data:`_MAX_INFLATION` times the archive (torch stores its members uncompressed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from jaxad.errors import WeightsError
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _MAX_SAFETENSORS_HEADER = 100 * 2**20
+_MAX_INFLATION = 16  # uncompressed / archive size: deflated floats shrink ~1.1×, a zip bomb 1000×
 
 _STORAGE_DTYPES = {
     "DoubleStorage": np.dtype("<f8"),
@@ -78,12 +82,14 @@ _SAFETENSORS_DTYPES = {
 _CORRUPT = (
     pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
     struct.error, zipfile.BadZipFile, OverflowError, RecursionError, MemoryError,
+    zlib.error, NotImplementedError, RuntimeError,  # a damaged deflated, unknown-method or "encrypted" zip member
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Dtype:
-    """A storage class or torch dtype named in the pickle; deliberately not callable."""
+    """A storage class or torch dtype named in the pickle; deliberately not callable, and without
+    a ``__dict__`` that a pickle's BUILD opcode could rewrite."""
 
     dtype: np.dtype
 
@@ -138,13 +144,18 @@ class _Unpickler(pickle.Unpickler):
         self.storages: dict[str, np.dtype] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        """The allowed global; a function comes wrapped afresh, so that a BUILD opcode setting
+        its attributes (``__defaults__``, ...) changes this file's copy, never the reader."""
         try:
-            return _ALLOWED[(module, name)]
+            found = _ALLOWED[(module, name)]
         except KeyError:
             raise WeightsError(
                 f"{self.path}: refused to unpickle global {module}.{name}; only plain state dicts of tensors "
                 "are read (load it with torch yourself and save model.state_dict())"
             ) from None
+        if callable(found) and not isinstance(found, type):
+            return lambda *args, **kwargs: found(*args, **kwargs)
+        return found
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _Dtype)):
@@ -190,6 +201,8 @@ def _materialise(ref: _TensorRef, raw: bytes, big_endian: bool) -> np.ndarray:
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
     if len(ref.shape) != len(ref.stride) or ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= flat.size:
         raise ValueError(f"tensor of shape {ref.shape} lies outside its storage of {flat.size} elements")
+    if math.prod(ref.shape) > flat.size:  # overlapping strides would let a few bytes fill all memory
+        raise ValueError(f"tensor of shape {ref.shape} has more elements than its storage of {flat.size}")
     strides = tuple(s * ref.dtype.itemsize for s in ref.stride)
     view = np.lib.stride_tricks.as_strided(flat[ref.offset:], ref.shape, strides, writeable=False)
     return np.array(view, order="C")
@@ -210,6 +223,9 @@ def _state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
 
 def _read_zip(path: Path) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(path) as zf:
+        inflated = sum(info.file_size for info in zf.infolist())
+        if inflated > _MAX_INFLATION * max(path.stat().st_size, 1):
+            raise ValueError(f"members inflate to {inflated} bytes from {path.stat().st_size}, a zip bomb")
         names = zf.namelist()
         pkl = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
         if pkl is None:

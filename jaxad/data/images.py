@@ -6,6 +6,10 @@ here as uint8 PIL images too: features then match the published numbers. Deeper 
 float) keep their precision and are resized per channel as PIL float images with the same filter.
 Alpha is dropped (the stored colour is kept, as ``convert("RGB")`` does); EXIF orientation is
 ignored, as PIL and torchvision ignore it.
+
+A file's width × height is read from its header and checked against :data:`MAX_IMAGE_PIXELS`
+before any pixel is decoded, so a small file declaring a huge image (a decompression bomb) is
+refused instead of filling memory.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from jaxad.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # 67 Mpixel, 0.8 GB as float32 RGB; below PIL's own bomb threshold
 
 # A truncated file must fail loudly instead of yielding a partly grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -37,11 +43,17 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode a file, so that damaged files fail here, with the file named."""
+    """Open and fully decode a file, so that damaged files fail here, with the file named.
+    Images over :data:`MAX_IMAGE_PIXELS` are refused from their header, before decoding."""
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: image is {img.width}x{img.height} (width x height), over jaxad's limit of "
+                                f"{MAX_IMAGE_PIXELS:,} pixels; downscale or tile it before use")
             img.load()
             return img
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found; check the path or restore the file") from None
     except UnidentifiedImageError:

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jaxad import checkpoint
 from jaxad.errors import DataError, NumericsError
 from jaxad.runtime import parallel
 
@@ -102,7 +103,7 @@ def _resumable_manager(checkpoint_dir: Path, run: Mapping[str, Any], steps: int,
         for old in manager.all_steps():
             manager.delete(old)
     if jax.process_index() == 0:
-        (checkpoint_dir / RUN_FILE).write_text(record)
+        checkpoint.write_text(checkpoint_dir / RUN_FILE, record)
     return manager
 
 
