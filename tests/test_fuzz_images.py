@@ -57,12 +57,8 @@ def valid_files(draw) -> tuple[str, bytes]:
     return fmt, encode(fmt, mode, h, w, draw(st.integers(0, 3)))
 
 
-@st.composite
-def broken_files(draw) -> tuple[str, bytes]:
-    """(extension, bytes): a valid file, then one kind of damage."""
-    fmt, data = draw(valid_files())
-    ext = FORMATS[fmt]
-    damage = draw(st.sampled_from(["none", "truncate", "flip", "zero_run", "empty", "extension", "garbage"]))
+def damaged(draw, data: bytes, damage: str) -> bytes:
+    """``data`` after one kind of byte-level damage (truncate, flip, zero_run, empty; others: unchanged)."""
     if damage == "truncate":
         data = data[: draw(st.integers(0, len(data) - 1))]
     elif damage == "flip":
@@ -76,7 +72,17 @@ def broken_files(draw) -> tuple[str, bytes]:
         data = data[:start] + bytes(draw(st.integers(1, 64))) + data[start + 64:]
     elif damage == "empty":
         data = b""
-    elif damage == "extension":
+    return data
+
+
+@st.composite
+def broken_files(draw) -> tuple[str, bytes]:
+    """(extension, bytes): a valid file, then one kind of damage."""
+    fmt, data = draw(valid_files())
+    ext = FORMATS[fmt]
+    damage = draw(st.sampled_from(["none", "truncate", "flip", "zero_run", "empty", "extension", "garbage"]))
+    data = damaged(draw, data, damage)
+    if damage == "extension":
         ext = draw(st.sampled_from([e for e in FORMATS.values() if e != ext]))
     elif damage == "garbage":
         data = draw(st.binary(max_size=256))

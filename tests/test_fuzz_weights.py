@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_backbones import LEGACY_MAGIC, LEGACY_SYS_INFO, Strided, write_legacy, write_safetensors, write_zip
+from test_fuzz_images import damaged
 
 from jaxad.backbones import torch_weights
 from jaxad.backbones.torch_weights import read_state_dict
@@ -75,20 +76,8 @@ def broken_files(draw) -> bytes:
     if container == "zip" and draw(st.booleans()):
         data = recompressed(data)
     damage = draw(st.sampled_from(["none", "truncate", "flip", "zero_run", "empty", "garbage"]))
-    if damage == "truncate":
-        data = data[: draw(st.integers(0, len(data) - 1))]
-    elif damage == "flip":
-        flipped = bytearray(data)
-        for _ in range(draw(st.integers(1, 8))):
-            i = draw(st.integers(0, len(data) - 1))
-            flipped[i] ^= 1 << draw(st.integers(0, 7))
-        data = bytes(flipped)
-    elif damage == "zero_run":
-        start = draw(st.integers(0, len(data) - 1))
-        data = data[:start] + bytes(draw(st.integers(1, 64))) + data[start + 64:]
-    elif damage == "empty":
-        data = b""
-    elif damage == "garbage":
+    data = damaged(draw, data, damage)
+    if damage == "garbage":
         data = draw(st.sampled_from([b"PK\x03\x04", b"\x80\x02", b"\x10\x00\x00\x00\x00\x00\x00\x00{"])) + draw(st.binary(max_size=200))
     return data
 

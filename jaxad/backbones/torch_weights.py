@@ -153,6 +153,8 @@ class _Unpickler(pickle.Unpickler):
                 f"{self.path}: refused to unpickle global {module}.{name}; only plain state dicts of tensors "
                 "are read (load it with torch yourself and save model.state_dict())"
             ) from None
+        if isinstance(found, _Dtype):  # a frozen dataclass's __setstate__ would let BUILD rewrite it
+            return _Dtype(found.dtype)
         if callable(found) and not isinstance(found, type):
             return lambda *args, **kwargs: found(*args, **kwargs)
         return found
@@ -195,11 +197,13 @@ def _flat(raw: bytes, dtype: np.dtype, big_endian: bool = False) -> np.ndarray:
 
 def _materialise(ref: _TensorRef, raw: bytes, big_endian: bool) -> np.ndarray:
     """The tensor as a contiguous array: ``as_strided`` over its storage, bounds-checked first."""
+    if len(ref.shape) != len(ref.stride):
+        raise ValueError(f"tensor of shape {ref.shape} has {len(ref.stride)} strides")
     if any(n == 0 for n in ref.shape):
         return np.zeros(ref.shape, ref.dtype)
     flat = _flat(raw, ref.dtype, big_endian)
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
-    if len(ref.shape) != len(ref.stride) or ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= flat.size:
+    if ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= flat.size:
         raise ValueError(f"tensor of shape {ref.shape} lies outside its storage of {flat.size} elements")
     if math.prod(ref.shape) > flat.size:  # overlapping strides would let a few bytes fill all memory
         raise ValueError(f"tensor of shape {ref.shape} has more elements than its storage of {flat.size}")
