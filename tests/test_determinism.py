@@ -28,8 +28,8 @@ TRAINED = {"simplenet", "efficientad", "puad", "cpr_faster"}
 COMMON = {"image_size": 64, "batch_size": 8, "num_overlays": 1}
 SMALL = {  # per method: a few steps, small heads
     "simplenet": {"train_steps": 4, "validate_every": 2, "hidden_dim": 16},
-    "efficientad": {"train_steps": 4, "teacher_steps": 2, "teacher_batch_size": 2, "val_fraction": 0.25, "log_every": 2},
-    "puad": {"train_steps": 4, "teacher_steps": 2, "teacher_batch_size": 2, "val_fraction": 0.25, "log_every": 2},
+    "efficientad": {"train_steps": 4, "teacher_steps": 2, "teacher_batch_size": 2, "val_fraction": 0.25, "validate_every": 2},
+    "puad": {"train_steps": 4, "teacher_steps": 2, "teacher_batch_size": 2, "val_fraction": 0.25, "validate_every": 2},
     "cpr_faster": {"train_steps": 4, "validate_every": 2, "procedural_textures": 4},
     "paap": {"min_group_size": 3, "group_size": 4},
 }
@@ -101,9 +101,12 @@ def test_two_runs_give_bit_identical_state_and_metrics(runs, method):
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in TRAINED])
 def test_one_and_eight_devices_give_the_same_metrics(runs, method):
     """Rates (AUROC, AP, AUPRO, F1) to 1e-6; the F1 thresholds are anomaly scores, summed over
-    shards in another order on 8 devices, so they agree to 1e-4 relative (measured: 3.5e-5 PaDiM)."""
+    shards in another order on 8 devices, so they agree to 1e-4 relative (measured: 3.5e-5 PaDiM).
+    PaDiM's AUPRO, which integrates over every threshold of those scores, is held to 1e-5
+    (measured: 2.4e-6)."""
     one, eight = _metrics(runs["first"], method), _metrics(runs["eight"], method)
     assert one.keys() == eight.keys()
     for key in one:
-        tolerance = 1e-4 * abs(one[key]) if key.endswith("_threshold") else 1e-6
+        tolerance = 1e-4 * abs(one[key]) if key.endswith("_threshold") else 1e-5 if (method, key) == ("padim", "aupro") \
+            else 1e-6
         assert abs(one[key] - eight[key]) <= tolerance, (method, key, one[key], eight[key])

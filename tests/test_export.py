@@ -30,9 +30,9 @@ TINY = {  # config file → overrides that fit it in seconds
     "paap": ["--config.min_group_size=3", "--config.group_size=4"],
     "simplenet": ["--config.train_steps=4", "--config.validate_every=2", "--config.hidden_dim=32"],
     "efficientad": ["--config.train_steps=4", "--config.teacher_steps=2", "--config.teacher_batch_size=2",
-                    "--config.val_fraction=0.25", "--config.log_every=2"],
+                    "--config.val_fraction=0.25", "--config.validate_every=2"],
     "puad": ["--config.train_steps=4", "--config.teacher_steps=2", "--config.teacher_batch_size=2",
-             "--config.val_fraction=0.25", "--config.log_every=2"],
+             "--config.val_fraction=0.25", "--config.validate_every=2"],
     "cpr_faster": ["--config.train_steps=4", "--config.validate_every=2", "--config.procedural_textures=4"],
 }
 BANNED = ("flax", "optax", "orbax", "ml_collections", "torch")  # top-level packages the loader must not need

@@ -134,4 +134,4 @@ def test_fit_script_with_padim(gear, tmp_path, capsys):
                               *SMALL, capsys=capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
-    assert metrics["n_train"] == 6 and 0 <= metrics["image_auroc"] <= 1
+    assert metrics["n_train"] == 5 and 0 <= metrics["image_auroc"] <= 1  # 6 less 1 held out to calibrate
