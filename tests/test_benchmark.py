@@ -30,6 +30,7 @@ def test_variant_values_may_hold_commas_inside_brackets_and_quotes():
     assert tuple(coarse.taps) == ("stage2", "stage4") and coarse.use_feb is False
 
 
+@pytest.mark.slow
 def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
     root = synthetic.generate(tmp_path / "data", seed=2, categories=["gear"], image_size=64,
                               n_train=4, n_test_good=2, n_per_defect=1)

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PRELUDE = """
@@ -82,6 +84,7 @@ def test_teacher_distillation_step_is_data_parallel():
     """)
 
 
+@pytest.mark.slow
 def test_cpr_local_branch_training_is_data_parallel():
     """CPR's pairs are synthesised on the device and sharded inside the step; BatchNorm statistics
     and gradients over the sharded batch equal the one-device ones."""

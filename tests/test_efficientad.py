@@ -163,6 +163,7 @@ def test_cli_end_to_end_on_a_tiny_mvtec_category_with_penalty(tmp_path):
     assert (workdir / "train.png").is_file() and 0 <= history["history"][-1]["val_image_auroc"] <= 1
 
 
+@pytest.mark.slow
 def test_in_fit_distillation_warns_that_it_is_not_a_teacher(tmp_path):
     root = synthetic.generate(tmp_path / "data", seed=2, categories=["gear"], image_size=64, n_train=8,
                               n_test_good=1, n_per_defect=1)
@@ -173,6 +174,7 @@ def test_in_fit_distillation_warns_that_it_is_not_a_teacher(tmp_path):
     assert "distilled here" in json.loads((workdir / "train_history.json").read_text())["teacher"]
 
 
+@pytest.mark.slow
 def test_distilled_teacher_is_used_by_fit_and_never_overwritten(tmp_path, capsys, monkeypatch):
     root = synthetic.generate(tmp_path / "data", seed=4, categories=["gear"], image_size=64, n_train=6,
                               n_test_good=1, n_per_defect=1)
