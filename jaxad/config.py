@@ -15,7 +15,8 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxad.errors import ConfigError
+from jaxad.errors import ConfigError, MemoryLimitError
+from jaxad.runtime import memory
 
 # Keys the pipeline reads for every method, added to a config that does not set them.
 PIPELINE_DEFAULTS = {
@@ -65,6 +66,15 @@ def require_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
     """A ConfigError naming the first of ``keys`` that is not above 0 (learning rates, λ)."""
     for key in keys:
         require_between(config, key, 0.0, math.inf)
+
+
+def require_memory(need: int, what: str, keys: str) -> None:
+    """MemoryLimitError when ``what`` needs more than ``need`` bytes more than this process may take
+    (:func:`jaxad.runtime.memory.available`), naming the limit and the config ``keys`` that lower it."""
+    free = memory.available()
+    if need > free.bytes:
+        raise MemoryLimitError(f"{what} needs about {memory.gib(need)}, but {memory.gib(free.bytes)} is available "
+                               f"({free.limit}); lower {keys}, or allow more memory")
 
 
 def method_configs(config_dir: Path) -> list[str]:

@@ -23,3 +23,7 @@ class ConfigError(JaxadError):
 
 class NumericsError(JaxadError):
     """Features or statistics became non-finite or too ill-conditioned to use."""
+
+
+class MemoryLimitError(JaxadError):
+    """A fit would need more memory than the process may take; raised before the work starts."""

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxad import backbones, checkpoint, methods
-from jaxad.config import require_at_least
+from jaxad.config import require_at_least, require_memory
 from jaxad.data import (
     Dataset,
     Sample,
@@ -44,7 +44,7 @@ from jaxad.data import (
 )
 from jaxad.errors import ConfigError, DataError
 from jaxad.eval import calibration, metrics, overlay, report, run_report
-from jaxad.runtime import compilation, distributed
+from jaxad.runtime import compilation, distributed, memory
 from jaxad.train import loop
 
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
@@ -104,6 +104,8 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, backbone: backbones
     if not train:
         raise DataError(f"{dataset.root}: {len(dataset.train)} training images for {jax.process_count()} "
                         "processes; every process needs at least one")
+    if hasattr(method, "memory_need"):  # refuse a fit too large for this process before any image is read
+        require_memory(*method.memory_need(config, backbone, len(train)))
     batches = iterate_batches(train, image_size(config), config.batch_size,
                               batches=distributed.batches_per_process(len(dataset.train), config.batch_size))
     start = time.perf_counter()
@@ -271,9 +273,11 @@ def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Pat
     config = ml_collections.ConfigDict(config.to_dict())
     config.data = str(Path(category).resolve())
     config.workdir = str(workdir)  # trained methods keep resumable checkpoints in workdir/train
+    memory.reset_peak_rss()
     state, fit_seconds = fit(config, dataset, backbone)
     saved = {k: v for k, v in state.items() if k not in RUNTIME_KEYS}
-    result: dict[str, Any] = {"category": dataset.name, "method": config.method, "n_train": len(dataset.train), "fit_seconds": fit_seconds}
+    result: dict[str, Any] = {"category": dataset.name, "method": config.method, "n_train": len(dataset.train),
+                              "fit_seconds": fit_seconds, "peak_rss_mb": memory.peak_rss() / 2**20}
     if not distributed.is_main():
         return result
     checkpoint.save(workdir, config, saved)

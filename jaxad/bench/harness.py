@@ -30,7 +30,7 @@ from jaxad.eval import report
 
 COLUMNS = [
     "dataset", "method", "variant", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
-    "n_train", "n_test", "fit_seconds", "latency_ms_b1", "images_per_s_b16", "state_bytes",
+    "n_train", "n_test", "fit_seconds", "peak_rss_mb", "latency_ms_b1", "images_per_s_b16", "state_bytes",
 ]
 ROWS_FILE = "rows.json"  # a method section's rows with their configs, in benchmarks/SECTION/
 LATENCY_REPEATS = 20

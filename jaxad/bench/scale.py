@@ -37,6 +37,7 @@ from jaxad.bench import distance_speed, harness, timing
 from jaxad.distances import crd, knn
 from jaxad.eval import report
 from jaxad.runtime import compilation
+from jaxad.runtime.memory import peak_rss, reset_peak_rss
 
 GRID = (16, 16)  # patches per feature map of the stream
 BATCH_IMAGES = 32  # 8192 patches per batch
@@ -98,21 +99,6 @@ def streamed_patches(n: int) -> int:
     """How many patches :func:`feature_stream` yields for ``n``."""
     per_map = GRID[0] * GRID[1]
     return -(-n // per_map) * per_map
-
-
-def reset_peak_rss() -> None:
-    """Restart the resident-set high-water mark (Linux: ``/proc/self/clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rss() -> int:
-    """Bytes of the process's resident-set high-water mark since the last reset."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/self/status has no VmHWM line")
 
 
 def device_bytes() -> int:

@@ -21,6 +21,9 @@ import scipy.linalg
 from jaxad.distances import protocol
 from jaxad.distances.protocol import Stats
 from jaxad.errors import NumericsError
+from jaxad.runtime import memory
+
+FINALIZE_BYTES = 48  # float64 temporaries per covariance entry while a group is solved
 
 
 def init(config: ml_collections.ConfigDict, sample: jax.Array) -> Stats:
@@ -70,12 +73,25 @@ def gaussians(stats: Stats, reg: float) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(stats.context["shift"], np.float64) + centred, chol
 
 
-def finalize(stats: Stats, config: ml_collections.ConfigDict) -> dict:
-    """Mean and whitening matrix Wᵀ = (L⁻¹)ᵀ per group, so a score is one contraction."""
-    mean, chol = gaussians(stats, config.reg)
-    whiten = scipy.linalg.solve_triangular(chol, np.broadcast_to(np.eye(chol.shape[-1]), chol.shape), lower=True)
-    return {"group": stats.context["group"], "mean": jnp.asarray(mean, jnp.float32),
-            "whiten_t": jnp.asarray(np.swapaxes(whiten, 1, 2), jnp.float32)}
+def finalize(stats: Stats, config: ml_collections.ConfigDict, budget_bytes: int | None = None) -> dict:
+    """Mean and whitening matrix Wᵀ = (L⁻¹)ᵀ per group, so a score is one contraction.
+
+    Groups are solved in chunks whose float64 temporaries (covariance, factor, inverse: about
+    :data:`FINALIZE_BYTES` per entry of a d×d matrix) fit in ``budget_bytes`` (default: a quarter
+    of the memory available), so the peak is the sums and the float32 result, not several
+    float64 copies of every group's covariance; chunks do not change the result."""
+    groups, d = stats.sums["s1"].shape
+    budget = memory.available().bytes // 4 if budget_bytes is None else budget_bytes
+    step = memory.rows_per_chunk(FINALIZE_BYTES * d * d, budget)
+    mean = np.empty((groups, d), np.float32)
+    whiten_t = np.empty((groups, d, d), np.float32)
+    for lo in range(0, groups, step):
+        part = slice(lo, lo + step)
+        chunk = Stats({"shift": stats.context["shift"][part]}, {k: v[part] for k, v in stats.sums.items()})
+        m, chol = gaussians(chunk, config.reg)
+        whiten = scipy.linalg.solve_triangular(chol, np.broadcast_to(np.eye(d), chol.shape), lower=True)
+        mean[part], whiten_t[part] = m, np.swapaxes(whiten, 1, 2)
+    return {"group": stats.context["group"], "mean": jnp.asarray(mean), "whiten_t": jnp.asarray(whiten_t)}
 
 
 def score(params: dict, features: jax.Array) -> jax.Array:

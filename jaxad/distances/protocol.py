@@ -196,7 +196,7 @@ def stream(
         if not all(np.isfinite(a).all() for a in jax.tree.leaves(inc)):
             bad = ", ".join(str(p) for p, v in zip(batch.paths, valid) if v)
             raise NumericsError(f"non-finite features from the backbone on one of: {bad}; check these images")
-        total = jax.tree.map(np.add, total, inc)
+        total = jax.tree.map(lambda t, i: np.add(t, i, out=t), total, inc)  # in place: one float64 copy
         if progress is not None:
             progress(int(valid.sum()))
     if stats is None:

@@ -64,7 +64,8 @@ from jaxad.data import Batch
 from jaxad.distances import mahalanobis as gaussian
 from jaxad.distances import matching
 from jaxad.errors import ConfigError, NumericsError
-from jaxad.runtime import compilation
+from jaxad.methods import _memory
+from jaxad.runtime import compilation, memory
 
 SHRINKAGE = ("ledoit_wolf", "ridge")
 GROUPING = ("size", "threshold")
@@ -202,11 +203,15 @@ def group_members(group_id: np.ndarray) -> np.ndarray:
     return members
 
 
-def group_gaussians(feats: np.ndarray, members: np.ndarray, mode: str, ridge: float) -> dict[str, np.ndarray]:
+def group_gaussians(feats: np.ndarray, members: np.ndarray, mode: str, ridge: float,
+                    budget_bytes: int | None = None) -> dict[str, np.ndarray]:
     """Per-group, per-location mean and Woodbury factors of the shrunk covariance (float64 inside).
 
     feats [N, L, d] adapted features of the training images, members [G, m] from
     :func:`group_members` → 'rows', 'mean', 'chol', 'iso', location-major as in the module docstring.
+    Locations are independent: they are solved in blocks whose float64 temporaries (a group's
+    features, centred and scaled, and its m×m factors) fit in ``budget_bytes`` (default: a quarter
+    of the memory available); blocks do not change the result.
     """
     n_img, n_loc, d = feats.shape
     groups, m = members.shape
@@ -215,17 +220,21 @@ def group_gaussians(feats: np.ndarray, members: np.ndarray, mode: str, ridge: fl
     mean = np.zeros((n_loc, groups, d), np.float32)
     chol = np.broadcast_to(np.eye(m, dtype=np.float32), (n_loc, groups, m, m)).copy()
     iso = np.zeros((n_loc, groups), np.float32)
-    for g in range(groups):  # fit time, once per group; every location at once
-        idx = members[g][members[g] < n_img]
-        x = feats[idx].astype(np.float64)
-        mu = x.mean(axis=0)
-        xc = x - mu
-        a, b = shrinkage(xc, mode, ridge, floor)
-        scaled = xc * np.sqrt(a)[None, :, None]
-        capacitance = np.einsum("nld,mld->lnm", scaled, scaled) + b[:, None, None] * np.eye(len(idx))
-        rows[:, idx] = scaled.transpose(1, 0, 2)
-        mean[:, g], iso[:, g] = mu, b
-        chol[:, g, : len(idx), : len(idx)] = np.linalg.cholesky(capacitance)
+    budget = memory.available().bytes // 4 if budget_bytes is None else budget_bytes
+    step = memory.rows_per_chunk(8 * (4 * m * d + 3 * m * m), budget)
+    for lo in range(0, n_loc, step):
+        loc = slice(lo, lo + step)
+        for g in range(groups):  # fit time, once per group; a block of locations at once
+            idx = members[g][members[g] < n_img]
+            x = feats[idx, loc].astype(np.float64)
+            mu = x.mean(axis=0)
+            xc = x - mu
+            a, b = shrinkage(xc, mode, ridge, floor)
+            scaled = xc * np.sqrt(a)[None, :, None]
+            capacitance = np.einsum("nld,mld->lnm", scaled, scaled) + b[:, None, None] * np.eye(len(idx))
+            rows[loc, idx] = scaled.transpose(1, 0, 2)
+            mean[loc, g], iso[loc, g] = mu, b
+            chol[loc, g, : len(idx), : len(idx)] = np.linalg.cholesky(capacitance)
     return {"rows": rows, "mean": mean, "chol": chol, "iso": iso}
 
 
@@ -258,6 +267,20 @@ def match_counts(config: ml_collections.ConfigDict, descriptors: np.ndarray | No
     if config.matcher == matching.DENSE:
         return matching.pairwise_dense_counts(descriptors, config.match_min_similarity, config.match_ratio, config.match_chunk)
     return matching.pairwise_keypoint_counts(grey, config.matcher, config.match_ratio, config.match_ransac)
+
+
+def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images: int) -> tuple[int, str, str]:
+    """(bytes, what, keys that lower it) of both resolutions' adapted features (twice while joined) and
+    Gaussians: 'rows' and 'mean' as large as the features, 'chol' [L, G, m, m] taken at groups of
+    ``2·group_size`` images (the sizes come from matching, after the features are extracted)."""
+    m = min(n_images, 2 * config.group_size)
+    need = 0
+    for taps in resolutions(config).values():
+        locations = _memory.cells(config, backbone, taps[0])
+        d = out_channels(_memory.channels(backbone, taps), config.patch_size, config.num_channels)
+        need += (4 * n_images * locations * d + locations * n_images * m) * _memory.FLOAT32
+    return (need, f"PAAP's adapted features and group Gaussians ({n_images} images)",
+            "--config.image_size, --config.num_channels or --config.pixel_taps")
 
 
 def fit(

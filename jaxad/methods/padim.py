@@ -24,7 +24,10 @@ from jaxad.config import require_at_least
 from jaxad.data import Batch
 from jaxad.distances import mahalanobis, protocol
 from jaxad.errors import ConfigError
+from jaxad.methods import _memory
 from jaxad.runtime import parallel
+
+STREAM_BYTES = 28  # per covariance entry while streaming: float64 sums and increment, float32 device sums and update
 
 
 def channel_subset(config: ml_collections.ConfigDict, backbone: Backbone) -> np.ndarray:
@@ -51,6 +54,15 @@ def patch_features(config: ml_collections.ConfigDict, backbone: Backbone, variab
 def gaussian_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The settings the per-location Gaussian reads."""
     return ml_collections.ConfigDict({"position": "location", "position_blocks": 1, "reg": config.reg})
+
+
+def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images: int) -> tuple[int, str, str]:
+    """(bytes, what, keys that lower it) of the per-location second moments, streamed (the number of
+    images does not matter) and solved in memory-sized chunks (:func:`jaxad.distances.mahalanobis.finalize`)."""
+    locations = _memory.cells(config, backbone, config.taps[0])
+    return (STREAM_BYTES * locations * config.num_channels ** 2,
+            f"PaDiM's statistics ({locations:,} locations × {config.num_channels}² covariance)",
+            "--config.num_channels or --config.image_size")
 
 
 def fit(

@@ -21,10 +21,22 @@ from jaxad.config import require_at_least, require_between
 from jaxad.data import Batch
 from jaxad.distances import coreset, knn
 from jaxad.errors import ConfigError, NumericsError
+from jaxad.methods import _memory
 from jaxad.methods.crd import patch_features
 from jaxad.runtime import compilation, parallel
 
 SCORES = ("reweighted", "max")
+
+
+def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images: int) -> tuple[int, str, str]:
+    """(bytes, what, keys that lower it) of the bank: every training patch is held twice while the
+    batches' features are joined, and a coreset selection adds a device copy and its projections."""
+    patches = n_images * _memory.cells(config, backbone, config.taps[0])
+    d = _memory.channels(backbone, tuple(config.taps))
+    bank = patches * d * _memory.FLOAT32
+    need = 2 * bank + (bank + patches * config.projection_dim * _memory.FLOAT32 if config.coreset_ratio < 1.0 else 0)
+    return (need, f"PatchCore's memory bank ({patches:,} patches × {d} features, {n_images} images)",
+            "--config.image_size, --config.train_images or --config.taps")
 
 
 def fit(

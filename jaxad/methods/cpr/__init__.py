@@ -38,6 +38,7 @@ from jaxad.data import Batch, anomalies, read_image, resize_image
 from jaxad.data.images import IMAGE_EXTENSIONS
 from jaxad.distances import windowed
 from jaxad.errors import ConfigError, DataError, NumericsError
+from jaxad.methods import _memory
 from jaxad.methods.cpr import foreground, retrieval
 from jaxad.methods.cpr import train as lrb_training
 from jaxad.runtime import compilation
@@ -157,6 +158,20 @@ def _bank(config: ml_collections.ConfigDict, raw: list[np.ndarray], params: dict
         run = compilation.jit(lambda maps: lrb_training.describe(config, params, stats, maps))
     chunks = compilation.in_fixed_batches(run, raw, config.batch_size)
     return {f"scale{s}": jnp.concatenate([c[s] for c in chunks]) for s in range(len(raw))}
+
+
+def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images: int) -> tuple[int, str, str]:
+    """(bytes, what, keys that lower it): the training images (twice while they are joined, once more
+    on the device to train the local branch), every tap's maps (twice while joined) and the
+    reference bank of every scale."""
+    h, w = _memory.image_hw(config)
+    images = n_images * h * w * 3 * _memory.FLOAT32
+    maps = sum(n_images * _memory.cells(config, backbone, t) * backbone.taps[t].channels for t in config.taps)
+    bank = sum(n_images * _memory.cells(config, backbone, t) * (config.lrb_width if config.use_lrb else backbone.taps[t].channels)
+               for t in _scales(config))
+    need = (3 if config.use_lrb else 2) * images + (2 * maps + bank) * _memory.FLOAT32
+    return (need, f"CPR's training images, maps and reference bank ({n_images} images)",
+            "--config.image_size, --config.train_images or --config.lrb_width")
 
 
 def fit(
