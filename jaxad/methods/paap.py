@@ -274,13 +274,13 @@ def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images:
     Gaussians: 'rows' and 'mean' as large as the features, 'chol' [L, G, m, m] taken at groups of
     ``2·group_size`` images (the sizes come from matching, after the features are extracted)."""
     m = min(n_images, 2 * config.group_size)
-    need = 0
+    need = _memory.forward_bytes(config, backbone, backbone_taps(config))
     for taps in resolutions(config).values():
         locations = _memory.cells(config, backbone, taps[0])
         d = out_channels(_memory.channels(backbone, taps), config.patch_size, config.num_channels)
         need += (4 * n_images * locations * d + locations * n_images * m) * _memory.FLOAT32
-    return (need, f"PAAP's adapted features and group Gaussians ({n_images} images)",
-            "--config.image_size, --config.num_channels or --config.pixel_taps")
+    return (need, f"PAAP's adapted features and group Gaussians ({n_images} images) and a batch's backbone pass",
+            "--config.image_size, --config.num_channels, --config.pixel_taps or --config.batch_size")
 
 
 def fit(

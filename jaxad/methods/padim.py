@@ -60,9 +60,9 @@ def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images:
     """(bytes, what, keys that lower it) of the per-location second moments, streamed (the number of
     images does not matter) and solved in memory-sized chunks (:func:`jaxad.distances.mahalanobis.finalize`)."""
     locations = _memory.cells(config, backbone, config.taps[0])
-    return (STREAM_BYTES * locations * config.num_channels ** 2,
-            f"PaDiM's statistics ({locations:,} locations × {config.num_channels}² covariance)",
-            "--config.num_channels or --config.image_size")
+    return (STREAM_BYTES * locations * config.num_channels ** 2 + _memory.forward_bytes(config, backbone, tuple(config.taps)),
+            f"PaDiM's statistics ({locations:,} locations × {config.num_channels}² covariance) and a batch's backbone pass",
+            "--config.num_channels, --config.image_size or --config.batch_size")
 
 
 def fit(

@@ -35,8 +35,9 @@ def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images:
     d = _memory.channels(backbone, tuple(config.taps))
     bank = patches * d * _memory.FLOAT32
     need = 2 * bank + (bank + patches * config.projection_dim * _memory.FLOAT32 if config.coreset_ratio < 1.0 else 0)
-    return (need, f"PatchCore's memory bank ({patches:,} patches × {d} features, {n_images} images)",
-            "--config.image_size, --config.train_images or --config.taps")
+    need += _memory.forward_bytes(config, backbone, tuple(config.taps))
+    return (need, f"PatchCore's memory bank ({patches:,} patches × {d} features, {n_images} images) and a batch's backbone pass",
+            "--config.image_size, --config.train_images, --config.taps or --config.batch_size")
 
 
 def fit(

@@ -170,8 +170,9 @@ def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images:
     bank = sum(n_images * _memory.cells(config, backbone, t) * (config.lrb_width if config.use_lrb else backbone.taps[t].channels)
                for t in _scales(config))
     need = (3 if config.use_lrb else 2) * images + (2 * maps + bank) * _memory.FLOAT32
-    return (need, f"CPR's training images, maps and reference bank ({n_images} images)",
-            "--config.image_size, --config.train_images or --config.lrb_width")
+    need += _memory.forward_bytes(config, backbone, tuple(config.taps))
+    return (need, f"CPR's training images, maps and reference bank ({n_images} images) and a batch's backbone pass",
+            "--config.image_size, --config.train_images, --config.lrb_width or --config.batch_size")
 
 
 def fit(
