@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 from test_pipeline import CONFIGS_DIR, run_script
 
@@ -10,6 +11,7 @@ from jaxad import pipeline
 from jaxad.bench import harness
 from jaxad.data import synthetic
 from jaxad.errors import ConfigError
+from jaxad.runtime import memory
 
 
 def test_variants_scope_to_their_method():
@@ -72,6 +74,22 @@ def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
     assert {(r["method"], r["variant"], r["config"]["image_size"]) for r in recorded} == {
         ("crd", "default", 256), ("crd", "small", 64), ("padim", "default", 256), ("padim", "small", 64)}
     assert re.search(r"^\| crd \| gear \| .* \| current default \| \[t\]\(#", text, re.M)  # the summary
+
+
+@pytest.mark.slow
+def test_bench_rows_record_the_peak_rss_of_the_fit_alone(tmp_path):
+    """``peak_rss_mb`` is the fit's resident high-water mark: a larger peak before it is not counted."""
+    root = synthetic.generate(tmp_path / "data", seed=2, categories=["gear"], image_size=64,
+                              n_train=4, n_test_good=1, n_per_defect=1) / "gear"
+    configs = harness.variants(["crd"], ["small:image_size=64,batch_size=4,num_overlays=1,lam=1.0"], CONFIGS_DIR,
+                               with_default=False)
+    earlier = np.ones(2**30 // 8)  # 1 GiB resident, released before the fit
+    before = memory.peak_rss() / 2**20
+    del earlier
+    rows = harness.run(configs, [root], timed=False)
+    assert "peak_rss_mb" in harness.COLUMNS
+    assert 50 < rows[0]["peak_rss_mb"] < before - 512
+    assert "| peak_rss_mb |" in harness.accuracy_section("t", "cmd", rows)
 
 
 def test_few_shot_configs_subsample_the_training_set(tmp_path):

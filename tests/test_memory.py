@@ -61,6 +61,14 @@ def test_available_memory_names_the_smallest_limit():
     assert limit.startswith("RLIMIT_DATA = 2.00 GiB") and 0 < int(free) < 2**31
 
 
+def test_peak_rss_restarts_after_a_reset():
+    held = np.ones(2**29 // 8)  # 512 MiB, resident
+    with_it = memory.peak_rss()
+    del held
+    assert memory.reset_peak_rss()
+    assert memory.peak_rss() < with_it - 2**28
+
+
 @pytest.mark.parametrize("method, overrides, keys", [
     ("patchcore", ["--config.image_size=4096"], "--config.image_size, --config.train_images, --config.taps or --config.batch_size"),
     pytest.param("padim", ["--config.image_size=1024"], "--config.num_channels, --config.image_size or --config.batch_size",
