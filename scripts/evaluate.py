@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxad import cli, pipeline
+from jaxad import checkpoint, cli, pipeline
 from jaxad.checkpoint import fitted_runs
 from jaxad.eval import report
 
@@ -30,7 +30,7 @@ def main() -> int:
         result = pipeline.reevaluate(run, data)
         previous = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         result = {**previous, **result, "category": previous.get("category", run.name)}
-        (run / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+        checkpoint.write_text(run / "metrics.json", json.dumps(result, indent=2, default=float) + "\n")
         results.append(result)
     rows = [{**r, **{f"{k}_{side}": r[f"{side}_decisions"][k] for side in ("image", "pixel") if f"{side}_decisions" in r
                      for k in ("accuracy", "precision", "recall")}} for r in results]

@@ -1,9 +1,11 @@
 """End to end: fit → save → evaluate → predict through the scripts, and the errors a user sees."""
 
 import json
+import os
 import runpy
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -117,6 +119,29 @@ def test_evaluate_reproduces_the_numbers(fitted, category, capsys):
     decisions = after["image_decisions"]  # the stored thresholds' decisions on the test images
     assert decisions == before["image_decisions"] and decisions["tp"] + decisions["fn"] == len(defective)
     assert "| accuracy_image | precision_image | recall_image |" in out
+
+
+def _written_since(folder: Path, since: int) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime_ns >= since}
+
+
+def test_evaluate_and_predict_write_every_file_by_renaming_a_complete_one(fitted, category, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A kill mid-write leaves the previous file or the new one: every file evaluate.py and
+    predict.py write (metrics, report, plots, overlays) arrives by a rename."""
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(dst)) or replace(src, dst))
+    start = time.time_ns()
+    code, _, err = run_script("evaluate.py", "--workdir", fitted, capsys=capsys)
+    assert code == 0, err
+    written = _written_since(fitted, start)
+    assert {fitted / "metrics.json", fitted / "report.html", fitted / "roc.png"} <= written
+    assert written <= set(renamed) and not [p for p in fitted.rglob("*") if ".tmp" in p.name]
+    images = sorted((category / "test").rglob("*.png"))[:3]
+    code, _, err = run_script("predict.py", "--workdir", fitted, "--out", tmp_path / "pred", *images, capsys=capsys)
+    assert code == 0, err
+    overlays = set((tmp_path / "pred").glob("*.png"))
+    assert len(overlays) == 3 and overlays <= set(renamed)
 
 
 def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxad import checkpoint
 from jaxad.eval.report import heatmap
 
 _MIN_SIDE = 160  # panels are upscaled (integer factor) to at least this
@@ -59,5 +60,6 @@ def decision_panel(image: np.ndarray, normalised_map: np.ndarray, title: str) ->
 def save_decision(path: str | Path, image: np.ndarray, normalised_map: np.ndarray, title: str) -> Path:
     """Write :func:`decision_panel` as a PNG."""
     path = Path(path)
-    decision_panel(image, normalised_map, title).save(path)
+    with checkpoint.replacing(path) as tmp:
+        decision_panel(image, normalised_map, title).save(tmp)
     return path

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxad import checkpoint
 from jaxad.eval import metrics
 
 # Jet-like colour ramp: (position, RGB) anchors, linearly interpolated per channel.
@@ -149,7 +150,8 @@ def save_overlays(
         used.add(stem)
         title = str(name) if scores is None else f"{name}   score {float(scores[i]):.4g}"
         path = out_dir / f"{stem}.png"
-        panel(images[i], maps[i], None if masks is None else masks[i], title, vmin, vmax).save(path)
+        with checkpoint.replacing(path) as tmp:
+            panel(images[i], maps[i], None if masks is None else masks[i], title, vmin, vmax).save(tmp)
         paths.append(path)
     return paths
 
@@ -304,7 +306,8 @@ def save_line_plot(path: str | Path, series: Mapping[str, tuple[Sequence[float],
     """:func:`line_plot` (``options``: its keyword arguments) written to the PNG file ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line_plot(series, xlabel, ylabel, title, **options).save(path)
+    with checkpoint.replacing(path) as tmp:
+        line_plot(series, xlabel, ylabel, title, **options).save(tmp)
     return path
 
 
@@ -323,7 +326,8 @@ def save_roc_curve(path: str | Path, scores: Sequence[float], labels: Sequence[i
     """:func:`roc_plot` written to the PNG file ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    roc_plot(scores, labels, title).save(path)
+    with checkpoint.replacing(path) as tmp:
+        roc_plot(scores, labels, title).save(tmp)
     return path
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxad import checkpoint
 from jaxad.data import Sample, read_image, resize_image
 from jaxad.eval import report
 
@@ -168,5 +169,5 @@ Maps share one colour scale, from {vmin:.4g} (blue) to {vmax:.4g} (red).</p>
 </body></html>
 """
     path = Path(path)
-    path.write_text(page, encoding="utf-8")
+    checkpoint.write_text(path, page)
     return path
