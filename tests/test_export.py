@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad import checkpoint, export, pipeline
+from jaxad import checkpoint, deploy, export, pipeline
 from jaxad.config import apply_overrides, load_config
 from jaxad.data import synthetic
 from jaxad.eval import calibration
@@ -81,13 +83,54 @@ def test_the_loader_pads_the_last_batch_and_checks_its_input(tmp_path):
     assert labels.tolist() == (means > 100).tolist() and maps.shape == (7, 5, 6)
     np.testing.assert_array_equal(maps, images[..., 0])
 
-    from jaxad import deploy
     model = deploy.load(path)
     assert model.batch_size == 3 and model.input_size == (5, 6) and model.meta["method"] == "toy"
     with pytest.raises(ValueError, match=r"expects uint8 images of shape \[N, 5, 6, 3\]; got float32"):
         model(images.astype(np.float32))
     with pytest.raises(ValueError, match="not an exported jaxad model"):
         deploy.load(tmp_path / "images.npy")
+
+
+def _concurrent_equals_serial(model: deploy.Model, batches: list[np.ndarray], threads: int = 4, rounds: int = 3) -> None:
+    """Every batch scored from ``threads`` threads at once, ``rounds`` times each, gives exactly its
+    serial answer: calls share no state, and no thread gets another's outputs."""
+    serial = [model(b) for b in batches]
+    start = threading.Barrier(threads)
+
+    def worker(t: int) -> list[tuple[int, tuple]]:
+        start.wait()
+        return [(i, model(batches[i])) for _ in range(rounds) for i in range(t, len(batches), threads)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        answers = [a for done in pool.map(worker, range(threads)) for a in done]
+    assert len(answers) == rounds * len(batches)
+    for i, got in answers:
+        for g, want in zip(got, serial[i]):
+            np.testing.assert_array_equal(g, want)
+
+
+def test_an_exported_model_scores_from_four_threads_as_serially(tmp_path):
+    def fn(weights, images):
+        x = images.astype(jnp.float32)
+        maps = jnp.tanh(jnp.einsum("bhwc,c->bhw", x, weights[0]) / 255)
+        return maps.mean((1, 2)), maps.max((1, 2)) > 0.5, maps
+
+    weights = [np.array([0.3, -0.2, 0.9], np.float32)]
+    specs = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
+    exported = jax.export.export(jax.jit(fn))(specs, jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.uint8))
+    model = deploy.load(export.write(tmp_path / "toy.jaxad", exported, weights, {"method": "toy"}))
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8) for n in (1, 3, 4, 5, 7, 9, 2, 6)]
+    _concurrent_equals_serial(model, batches)
+
+
+@pytest.mark.slow
+def test_an_exported_fitted_model_scores_from_four_threads_as_serially(data, tmp_path):
+    normals, images = data
+    config = apply_overrides(load_config(ROOT / "configs" / "patchcore.py"), SMALL)
+    pipeline.run(config, normals, tmp_path / "w")
+    model = deploy.load(export.export(tmp_path / "w", tmp_path / "model.jaxad"))
+    _concurrent_equals_serial(model, [images[:n] for n in (1, 2, 3, 4, 5, 6, 7, 7)])
 
 
 @pytest.fixture(scope="module")
