@@ -3,6 +3,7 @@
 import json
 import os
 import runpy
+import subprocess
 import shutil
 import sys
 import time
@@ -181,6 +182,47 @@ def test_predict_streams_a_folder_in_batches(fitted, category, tmp_path, monkeyp
     first = next(predictions)
     assert first.path == images[0] and len(reads) <= 4 * 4  # a batch, and the prefetched ones
     assert len(list(predictions)) == len(images) - 1 and len(reads) == len(images)
+
+
+# Runs scripts/predict.py with argv[1:], then prints the process's peak resident memory to stderr.
+_MEASURED_PREDICT = """
+import atexit, runpy, sys
+from jaxad.runtime import memory
+atexit.register(lambda: print(f"peak_rss {memory.peak_rss()}", file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _predict_folder(fitted: Path, count: int, tmp_path: Path) -> tuple[list[str], int, str]:
+    """(the CSV rows, peak RSS bytes, stderr) of predict.py over a folder of ``count`` small PNGs,
+    with their overlays."""
+    folder = tmp_path / f"images{count}"
+    folder.mkdir()
+    rng = np.random.default_rng(count)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    args = [str(ROOT / "scripts" / "predict.py"), "--workdir", str(fitted), "--out", str(tmp_path / f"maps{count}"),
+            "--csv", str(folder)]
+    done = subprocess.run([sys.executable, "-c", _MEASURED_PREDICT, *args], env=env, capture_output=True, text=True,
+                          timeout=3000, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = int(done.stderr.rsplit("peak_rss ", 1)[1].split()[0])
+    return done.stdout.strip().splitlines()[1:], peak, done.stderr
+
+
+@pytest.mark.slow
+def test_predict_over_ten_thousand_images_runs_in_constant_memory(fitted, tmp_path):
+    """Every one of 10,000 images gets its row and overlay, with a progress bar, and the peak
+    resident memory stays within 48 MiB of a 1,000-image run's: keeping each image's map (16 KiB
+    at 64 px) or decoded image would add over 140 MiB."""
+    _, small_peak, _ = _predict_folder(fitted, 1000, tmp_path)
+    rows, peak, err = _predict_folder(fitted, 10_000, tmp_path)
+    assert sorted(Path(r.split(",")[3]).name for r in rows) == [f"{i:05d}.png" for i in range(10_000)]
+    assert len(list((tmp_path / "maps10000").glob("*.png"))) == 10_000
+    assert "10000/10000" in err  # the progress bar reached the end
+    assert peak - small_peak < 48 * 2**20, (peak / 2**20, small_peak / 2**20)
 
 
 @pytest.mark.slow
