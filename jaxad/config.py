@@ -69,8 +69,9 @@ def require_positive(config: ml_collections.ConfigDict, *keys: str) -> None:
 
 
 def require_memory(need: int, what: str, keys: str) -> None:
-    """MemoryLimitError when ``what`` needs more than ``need`` bytes more than this process may take
-    (:func:`jaxad.runtime.memory.available`), naming the limit and the config ``keys`` that lower it."""
+    """MemoryLimitError when the ``need`` bytes that ``what`` will hold exceed what this process may
+    still take (:func:`jaxad.runtime.memory.available`), naming the limit and the config ``keys``
+    that lower the need."""
     free = memory.available()
     if need > free.bytes:
         raise MemoryLimitError(f"{what} needs about {memory.gib(need)}, but {memory.gib(free.bytes)} is available "

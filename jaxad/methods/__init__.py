@@ -3,7 +3,9 @@
 Each public module here is a method. It provides ``fit(config, batches, backbone, mesh=None,
 progress=None) -> state`` and ``predict(config, backbone, state, images) -> (image_scores, maps)``,
 a pure function to be jit-compiled with ``config`` and ``backbone`` bound; a method that reads
-backbone taps besides ``config.taps`` names them all in ``backbone_taps(config)``. Modules whose name
+backbone taps besides ``config.taps`` names them all in ``backbone_taps(config)``. A method whose
+fit holds arrays that grow with the data gives ``memory_need(config, backbone, n_images) -> (bytes,
+what, keys)``, checked against the memory available before any image is read. Modules whose name
 starts with an underscore hold parts that several methods share.
 """
 
