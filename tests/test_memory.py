@@ -54,11 +54,11 @@ def _limited_fit(gear: Path, workdir: Path, method: str, *overrides: str) -> sub
 
 
 def test_available_memory_names_the_smallest_limit():
-    code = ("import resource; resource.setrlimit(resource.RLIMIT_DATA, (2**31, 2**31)); "
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_DATA, (2**30, 2**30)); "
             "from jaxad.runtime import memory; a = memory.available(); print(a.bytes, a.limit)")
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True).stdout
     free, limit = out.split(" ", 1)
-    assert limit.startswith("RLIMIT_DATA = 2.00 GiB") and 0 < int(free) < 2**31
+    assert limit.startswith("RLIMIT_DATA = 1.00 GiB") and 0 < int(free) < 2**30
 
 
 def test_peak_rss_restarts_after_a_reset():
