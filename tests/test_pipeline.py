@@ -14,6 +14,7 @@ from PIL import Image
 
 from jaxad import checkpoint, pipeline
 from jaxad.data import loader, synthetic
+from jaxad.eval import report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = ROOT / "configs"
@@ -128,6 +129,23 @@ def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
     assert len(lines) == 3 and all(0 <= float(line.split()[0]) <= 1 for line in lines)
     assert all(line.split()[1] in ("anomalous", "normal") for line in lines)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
+
+
+def test_evaluate_and_predict_draw_maps_on_the_scale_the_calibration_fixed(fitted, category, tmp_path, capsys):
+    """The maps evaluation drew (fit's maps/) and predict.py's overlays of the same test images,
+    scored among other images, colour them alike: one scale, set by the stored calibration."""
+    drawn = {p.stem: p for p in (fitted / "maps").glob("*.png")}
+    tests = [p for p in sorted((category / "test").rglob("*.png")) if f"{p.parent.name}_{p.stem}" in drawn]
+    assert len(tests) == len(drawn) == 3
+    code, _, err = run_script("predict.py", "--workdir", fitted, "--out", tmp_path / "pred", *tests, capsys=capsys)
+    assert code == 0, err
+    for path, name in zip(tests, pipeline.distinct_names(tests)):
+        evaluated = np.asarray(Image.open(drawn[f"{path.parent.name}_{path.stem}"]), np.float32)
+        predicted = np.asarray(Image.open(tmp_path / "pred" / f"{name}.png"), np.float32)
+        side = predicted.shape[0] - report._HEADER - report._FOOTER
+        assert evaluated.shape[1] == 3 * side + 2 * report._GAP  # input | map | ground truth
+        tile = np.s_[report._HEADER + 30:report._HEADER + side, side + report._GAP:2 * side + report._GAP]
+        assert np.abs(evaluated[tile] - predicted[tile]).mean() < 0.5  # float rounding of the maps at most
 
 
 def test_predict_prints_json_and_csv_whose_decisions_match_the_scores(fitted, category, tmp_path, capsys):
