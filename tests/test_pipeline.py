@@ -194,7 +194,7 @@ def test_predict_never_writes_maps_into_a_users_folder(fitted, category, tmp_pat
     folder = tmp_path / "mine"
     folder.mkdir()
     image = folder / "000.png"
-    image.write_bytes(sorted((category / "test").rglob("*.png"))[0].read_bytes())
+    image.write_bytes(min((category / "test").rglob("*.png")).read_bytes())
     before = image.read_bytes()
     code, _, err = run_script("predict.py", "--workdir", fitted, "--out", folder, image, capsys=capsys)
     assert code != 0 and "holds files that jaxad did not write; choose an empty or new --out" in err
@@ -252,7 +252,7 @@ def test_truncated_training_image(category, tmp_path, capsys):
 
 def test_mask_size_mismatch(category, tmp_path, capsys):
     data = _copy_category(category, tmp_path / "cat")
-    mask = sorted((data / "ground_truth").rglob("*_mask.png"))[0]
+    mask = min((data / "ground_truth").rglob("*_mask.png"))
     Image.new("L", (10, 12)).save(mask)
     code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
     _one_line_error(code, err, mask.name)
@@ -273,7 +273,7 @@ def test_odd_but_valid_images_just_work(category, tmp_path, capsys):
     rgb = [np.asarray(Image.open(p).convert("RGB")) for p in train[:4]]
     Image.fromarray(rgb[0]).convert("L").save(train[0])
     Image.fromarray(rgb[1]).convert("RGBA").save(train[1])
-    Image.fromarray((rgb[2][..., 0].astype(np.uint16) * 257)).save(train[2])  # 16-bit greyscale
+    Image.fromarray(rgb[2][..., 0].astype(np.uint16) * 257).save(train[2])  # 16-bit greyscale
     Image.fromarray(rgb[3]).resize((97, 51)).save(train[3])
     code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
     assert code == 0, err
@@ -342,11 +342,28 @@ def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
     code, _, err = run_script("fit.py", "--method", "crd", "--data", data, "--workdir", workdir, *SMALL, capsys=capsys)
     assert code == 0, err
     assert [r["category"] for r in json.loads((workdir / "summary.json").read_text())] == ["a", "b"]
-    image = sorted((category / "test").rglob("*.png"))[0]
+    image = min((category / "test").rglob("*.png"))
     code, _, err = run_script("predict.py", "--workdir", workdir, image, capsys=capsys)
     assert code != 0 and "holds one fitted model per category (a, b); pass one of them" in err
     code, out, err = run_script("predict.py", "--workdir", workdir / "b", image, capsys=capsys)
     assert code == 0 and out.splitlines()[1].split()[3] == str(image), err
+
+
+def test_one_export_decides_on_batches_of_any_size_as_the_fitted_model(fitted, category, tmp_path):
+    """The exported program's batch is symbolic: batches of 1 and 3 from one file, as in process."""
+    from test_export import in_process
+
+    from jaxad import deploy, export
+
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((category / "test").rglob("*.png"))[:4]])
+    model = deploy.load(export.export(fitted, tmp_path / "m.jaxad"))
+    assert model.batch_size is None
+    want_scores, want_labels, want_maps = in_process(fitted, images)
+    for rows in (slice(0, 1), slice(1, 4)):
+        scores, labels, maps = model(images[rows])
+        np.testing.assert_allclose(scores, want_scores[rows], atol=1e-4)
+        np.testing.assert_allclose(maps, want_maps[rows], atol=1e-4)
+        assert labels.tolist() == want_labels[rows].tolist()
 
 
 @pytest.mark.slow
@@ -360,7 +377,7 @@ def test_fit_predict_export_and_load_elsewhere_agree(fitted, category, tmp_path,
     assert code == 0, err
     rows = json.loads(out)
     code, out, err = run_script("export.py", "--workdir", fitted, "--out", tmp_path / "m.jaxad", capsys=capsys)
-    assert code == 0 and "crd, batch 4, uint8 images 64x64" in out, err
+    assert code == 0 and "crd, any number of uint8 images 64x64" in out, err
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
     scores, labels, _ = load_elsewhere(tmp_path / "m.jaxad", pixels, tmp_path)
     np.testing.assert_allclose(scores, [r["score"] for r in rows], atol=1e-4)
