@@ -71,7 +71,7 @@ def test_bench_writes_accuracy_latency_and_state_size(tmp_path, capsys):
     recorded = json.loads((tmp_path / "benchmarks" / "t" / harness.ROWS_FILE).read_text())
     assert {(r["method"], r["variant"], r["config"]["image_size"]) for r in recorded} == {
         ("crd", "default", 256), ("crd", "small", 64), ("padim", "default", 256), ("padim", "small", 64)}
-    assert re.search(r"^\| crd \| gear \| .* \| current default \| \[t\]\(#", text, re.M)  # the summary
+    assert re.search(r"^\| crd \| gear \| .* \| current default \| \[t\]\(#", text, re.MULTILINE)  # the summary
 
 
 def test_few_shot_configs_subsample_the_training_set(tmp_path):
@@ -88,6 +88,7 @@ def test_few_shot_configs_subsample_the_training_set(tmp_path):
     assert pipeline.subsample_train(full, 0, 0) == full and pipeline.subsample_train(full, 9, 0) == full
 
 
+@pytest.mark.slow  # test_few_shot_configs_subsample_the_training_set checks the sweep's configs
 def test_few_shot_sweep_writes_table_and_curve(tmp_path, capsys):
     root = synthetic.generate(tmp_path / "data", seed=2, categories=["gear"], image_size=64,
                               n_train=6, n_test_good=2, n_per_defect=1)

@@ -301,11 +301,17 @@ def test_wrong_weight_file_is_one_line(category, tmp_path, capsys):
     _one_line_error(code, err, str(bogus))
 
 
-def test_bfloat16_backbone_compute_runs_and_a_bad_dtype_is_one_line(category, tmp_path, capsys):
+@pytest.mark.slow
+def test_bfloat16_backbone_compute_runs_end_to_end(category, tmp_path, capsys):
+    """A whole fit in bfloat16 (the backbone alone: test_backbones checks its features stay close)."""
     args = ["--method", "crd", "--data", category, *SMALL]
     code, _, err = run_script("fit.py", *args, "--workdir", tmp_path / "bf16", "--config.compute_dtype=bfloat16", capsys=capsys)
     assert code == 0, err
     assert 0.0 <= json.loads((tmp_path / "bf16" / "metrics.json").read_text())["image_auroc"] <= 1.0
+
+
+def test_a_bad_compute_dtype_is_one_line(category, tmp_path, capsys):
+    args = ["--method", "crd", "--data", category, *SMALL]
     code, _, err = run_script("fit.py", *args, "--workdir", tmp_path / "f16", "--config.compute_dtype=float16", capsys=capsys)
     assert code == 2 and "compute_dtype=float16" in err and "Traceback" not in err
 
@@ -333,6 +339,18 @@ def test_a_setting_out_of_range_is_refused_by_name(category, tmp_path, capsys, m
     assert code != 0 and message in err and "Traceback" not in err
 
 
+def test_predict_names_the_models_of_a_folder_of_categories(fitted, category, tmp_path, capsys):
+    """Given the folder of a multi-category fit, predict asks for one of its models by name."""
+    for name in ("a", "b"):
+        shutil.copytree(fitted, tmp_path / "w" / name)
+    image = min((category / "test").rglob("*.png"))
+    code, _, err = run_script("predict.py", "--workdir", tmp_path / "w", "--no-overlays", image, capsys=capsys)
+    assert code != 0 and "holds one fitted model per category (a, b); pass one of them" in err
+    code, out, err = run_script("predict.py", "--workdir", tmp_path / "w" / "b", "--no-overlays", image, capsys=capsys)
+    assert code == 0 and out.splitlines()[1].split()[3] == str(image), err
+
+
+@pytest.mark.slow
 def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
     """Each category gets its own workdir; predict names them when given the folder above."""
     data = tmp_path / "data"
