@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import calibration_split
 from PIL import Image
 
 from jaxad import checkpoint, pipeline
@@ -96,12 +97,13 @@ def test_calibration_reads_held_out_training_images_only(fitted, category, calib
     assert json.loads((fitted / "metrics.json").read_text())["n_train"] == len(train) - len(held)
 
 
-def test_fit_writes_metrics_maps_and_state(fitted):
+def test_fit_writes_metrics_maps_and_state(fitted, category):
     metrics = json.loads((fitted / "metrics.json").read_text())
     for key in ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "n_train", "fit_seconds", "predict_images_per_second"]:
         assert key in metrics, key
-    assert metrics["n_train"] == 7  # one of the 8 training images is held out for calibration
-    assert metrics["calibration"]["n_images"] == 1 and metrics["calibration"]["rule"] == "max"
+    fit_count, held_count = calibration_split(fitted, category)  # calibration_fraction of the 8 held out
+    assert 0 < held_count < 8 and metrics["n_train"] == fit_count == 8 - held_count
+    assert metrics["calibration"]["n_images"] == held_count and metrics["calibration"]["rule"] == "max"
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["predict_images_per_second"] > 0
     assert len(list((fitted / "maps").glob("*.png"))) == 3
     assert (fitted / "roc.png").is_file() and (fitted / "state").is_dir()
@@ -266,8 +268,10 @@ def test_non_finite_pixels_are_reported_with_their_file(category, tmp_path, caps
     _one_line_error(code, err, "nan.tiff")
 
 
+@pytest.mark.slow
 def test_odd_but_valid_images_just_work(category, tmp_path, capsys):
-    """Greyscale, RGBA, 16-bit and odd-sized training images fit without complaint."""
+    """Greyscale, RGBA, 16-bit and odd-sized training images fit without complaint (a whole fit;
+    test_data checks that the loader reads each kind)."""
     data = _copy_category(category, tmp_path / "cat")
     train = sorted((data / "train" / "good").glob("*.png"))
     rgb = [np.asarray(Image.open(p).convert("RGB")) for p in train[:4]]
@@ -277,7 +281,8 @@ def test_odd_but_valid_images_just_work(category, tmp_path, capsys):
     Image.fromarray(rgb[3]).resize((97, 51)).save(train[3])
     code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == 7
+    fit_count, _ = calibration_split(tmp_path / "w", data)
+    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == fit_count
 
 
 def test_workdir_with_foreign_files_is_refused(category, tmp_path, capsys):
