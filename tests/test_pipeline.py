@@ -372,6 +372,7 @@ def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
     assert code == 0 and out.splitlines()[1].split()[3] == str(image), err
 
 
+@pytest.mark.slow  # ~13 s of compiling; test_export's toy program checks the loader's chunks by default
 def test_one_export_decides_on_batches_of_any_size_as_the_fitted_model(fitted, category, tmp_path):
     """The exported program's batch is symbolic: batches of 1 and 3 from one file, as in process."""
     from test_export import in_process
