@@ -10,10 +10,14 @@ the program, not constants inside it: the program stays small (a CPR reference b
 and they are put on the device once, at load. Nothing here imports flax, jaxad's methods or configs,
 nor jaxad itself: errors are ``ValueError`` (bad images, not an export) and ``FileNotFoundError``.
 
-The program was exported for a fixed batch of ``model.batch_size`` images (several methods choose
-how to split a batch from its size, which a symbolic size cannot tell them): :class:`Model` pads
-the last batch with copies of its final image and cuts the padding from the outputs, so any
-number of images works and each batch runs the one compiled program.
+Batches. By default the program takes any number of images: its batch dimension is symbolic
+(``model.batch_size`` is None). :class:`Model` passes at most ``model.chunk_size`` images per call
+(the fitted config's batch size), so memory stays bounded; each distinct number of images compiles
+once. Where a method chooses how to split its work from the batch size (CPU micro-batches of the
+backbone, PaAP's location blocks sized to a memory budget), a symbolic batch runs those parts one
+image at a time. Exported with ``--batch-size N``, the program is fixed to N images: the last
+batch is padded with copies of its final image and the padding cut from the outputs, so every
+call runs the one compiled program.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-FORMAT = "jaxad-export/1"
+FORMAT = "jaxad-export/2"  # /1 had no symbolic batch and no chunk_size
 
 
 class Model:
@@ -34,7 +38,8 @@ class Model:
 
     def __init__(self, path: Path, exported: jax.export.Exported, weights: list[jax.Array], meta: dict):
         self.path, self.meta = path, meta
-        self.batch_size = int(meta["batch_size"])
+        self.batch_size: int | None = meta["batch_size"]  # None: any number of images
+        self.chunk_size = int(meta["chunk_size"])
         self.input_size = tuple(meta["input_size"])
         self._weights = weights
         self._call = jax.jit(exported.call)
@@ -47,8 +52,10 @@ class Model:
                             f"got {images.dtype} {list(images.shape)}")
         count = len(images)
         parts = []
-        for start in range(0, count, self.batch_size):
-            rows = np.minimum(np.arange(start, start + self.batch_size), count - 1)  # the tail repeats the last image
+        for start in range(0, count, self.chunk_size):
+            rows = np.arange(start, min(start + self.chunk_size, count))
+            if self.batch_size is not None:  # a fixed batch: the tail repeats the last image
+                rows = np.minimum(np.arange(start, start + self.batch_size), count - 1)
             out = jax.device_get(self._call(self._weights, images[rows]))
             parts.append([o[: count - start] for o in out])
         if not parts:

@@ -3,9 +3,10 @@
 The exported program is the whole decision: uint8 images → float in [0, 1] (as the data loader
 decodes them), a resize to the config's image size when the input size differs, the method's
 predict (backbone, distances or networks, maps), then the calibrated normalisation and threshold
-(:func:`jaxad.eval.calibration.decide`). It is lowered with ``jax.export`` for a fixed batch (see
-:mod:`jaxad.deploy`) on the platforms asked for (default: this machine's backend); the file
-layout is described there.
+(:func:`jaxad.eval.calibration.decide`). It is lowered with ``jax.export`` on the platforms asked
+for (default: this machine's backend), for any number of images (a symbolic batch dimension) or,
+when a batch size is given, for that fixed batch; :mod:`jaxad.deploy` describes the file and how
+it feeds either.
 
 The resize is antialiased bilinear (``jax.image.resize``), the filter the data loader uses through
 PIL, rounded to uint8 like PIL's; PIL computes it in fixed point, so a pixel may differ by one grey
@@ -59,12 +60,13 @@ def decision_program(workdir: Path, input_size: tuple[int, int] | None = None):
 
 def export(workdir: str | Path, out: str | Path, batch_size: int | None = None,
            input_size: tuple[int, int] | None = None, platforms: tuple[str, ...] | None = None) -> Path:
-    """Write ``out`` (see :mod:`jaxad.deploy` for what it holds); returns its path. ``batch_size``
-    defaults to the config's, ``input_size`` (H, W) to its image size."""
+    """Write ``out`` (see :mod:`jaxad.deploy` for what it holds); returns its path. Without
+    ``batch_size`` the program takes any number of images; ``input_size`` (H, W) defaults to the
+    config's image size."""
     fn, weights, config, input_size, calibrated = decision_program(Path(workdir).expanduser(), input_size)
-    batch = config.batch_size if batch_size is None else batch_size
-    if batch < 1:
-        raise ConfigError(f"--batch-size={batch}: must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size={batch_size}: must be at least 1")
+    batch = jax.export.symbolic_shape("b")[0] if batch_size is None else batch_size
     specs = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
     images = jax.ShapeDtypeStruct((batch, *input_size, 3), jnp.uint8)
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(specs, images)
@@ -72,14 +74,21 @@ def export(workdir: str | Path, out: str | Path, batch_size: int | None = None,
         "jaxad_version": jaxad.__version__, "method": config.method, "image_size": list(pipeline.image_size(config)),
         "calibration": {k: v for k, v in calibrated.items() if k != "images"},
     }
-    return write(out, exported, weights, meta)
+    return write(out, exported, weights, meta, chunk_size=config.batch_size)
 
 
-def write(out: str | Path, exported: jax.export.Exported, weights: list[np.ndarray], meta: dict) -> Path:
+def write(out: str | Path, exported: jax.export.Exported, weights: list[np.ndarray], meta: dict,
+          chunk_size: int | None = None) -> Path:
     """Write an exported ``fn(weights, images) -> (scores, labels, maps)`` with its weights and
-    ``meta`` in the layout :func:`jaxad.deploy.load` reads; returns the path."""
+    ``meta`` in the layout :func:`jaxad.deploy.load` reads; returns the path. ``chunk_size``: the
+    most images the loader passes in one call of a program with a symbolic batch (bounded memory);
+    a fixed batch is its own."""
     images = exported.in_avals[-1]
-    meta = {**meta, "format": FORMAT, "jax_version": jax.__version__, "batch_size": images.shape[0],
+    batch = None if jax.export.is_symbolic_dim(images.shape[0]) else int(images.shape[0])
+    if batch is None and (chunk_size is None or chunk_size < 1):
+        raise ConfigError(f"a program with a symbolic batch needs a chunk size of at least 1; got {chunk_size}")
+    meta = {**meta, "format": FORMAT, "jax_version": jax.__version__, "batch_size": batch,
+            "chunk_size": batch if batch is not None else chunk_size,
             "input_size": list(images.shape[1:3]), "map_size": list(exported.out_avals[2].shape[1:]),
             "platforms": list(exported.platforms), "weight_dtypes": [np.asarray(w).dtype.name for w in weights]}
     out = Path(out).expanduser()

@@ -164,16 +164,19 @@ def evaluate(config: ml_collections.ConfigDict, predictor, dataset: Dataset, wor
     result["n_test"] = len(test)
     if calibrated is not None:
         result.update(decision_metrics(calibrated, scores, labels, maps, masks))
-        result[run_report.STORED_THRESHOLD] = calibrated["image_threshold"]
+        result["image_threshold"] = calibrated["image_threshold"]
     idx = sorted(keep)
     names = [f"{test[i].defect}_{Path(test[i].path).stem}" for i in idx]
-    report.save_overlays(
-        workdir / "maps", np.stack(kept_images), maps[idx], masks[idx], names=names, scores=scores[idx],
-        vmin=float(np.percentile(maps, 1)), vmax=float(np.percentile(maps, 99.9)),
-    )
+    if idx and calibrated is not None:  # the calibration's fixed scale, the predicted defect outlined
+        overlay.save_decisions(workdir / "maps", calibrated, np.stack(kept_images), scores[idx], maps[idx], names,
+                               masks[idx])
+    elif idx:  # no calibration, no fixed scale: the test maps' own percentiles
+        report.save_overlays(workdir / "maps", np.stack(kept_images), maps[idx], masks[idx], names=names,
+                             scores=scores[idx], vmin=float(np.percentile(maps, 1)), vmax=float(np.percentile(maps, 99.9)))
     if len(set(labels.tolist())) == 2:
         report.save_roc_curve(workdir / "roc.png", scores, labels, title=f"{config.method} on {dataset.name}")
-    run_report.write(workdir / "report.html", f"{config.method} on {dataset.name}", result, scores, maps, masks, test, size)
+    run_report.write(workdir / "report.html", f"{config.method} on {dataset.name}", result, scores, maps, masks, test,
+                     size, calibrated)
     return result
 
 

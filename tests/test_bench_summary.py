@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import markdown_rows
 from test_pipeline import CONFIGS_DIR, run_script
 
 from jaxad.bench import harness, summary
@@ -48,15 +49,7 @@ def bench(tmp_path):
 
 def _summary_rows(text):
     block = text.split("<!-- begin summary -->", 1)[1].split("<!-- end summary -->", 1)[0]
-    lines = block.splitlines()
-    top = lines.index(next(line for line in lines if line.startswith("| method | dataset")))
-    columns = [c.strip() for c in lines[top].strip("|").split("|")]
-    rows = []
-    for line in lines[top + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))))
-    return rows, block
+    return markdown_rows(block, "| method | dataset"), block
 
 
 def test_summary_is_generated_at_the_top_from_the_sections(bench):

@@ -127,17 +127,32 @@ def _brightness_model(images):
 
 
 @pytest.mark.parametrize("rule", ["max", "f1"])
-def test_pipeline_calibration_scores_the_given_images_and_pastes_defects_for_f1(gear, rule):
+def test_pipeline_calibration_scores_the_given_images_and_pastes_defects_for_f1(gear, rule, monkeypatch):
+    """The calibration images are scored as they are and, for ``f1``, again with a pasted defect
+    each (one paster, built and compiled once here, serves the test and the calibration)."""
     config = apply_overrides(load_config(CONFIGS_DIR / "crd.py"),
                              ["--config.image_size=64", "--config.batch_size=4", f"--config.threshold_rule={rule}"])
+    paste = pipeline.synthetic_defects(config) if rule == "f1" else None
+    pasted_batches = []
+
+    def spy(_config):
+        def pasting(i, images):
+            pasted_batches.append(i)
+            return paste(i, images)
+        return pasting
+
+    monkeypatch.setattr(pipeline, "synthetic_defects", spy)
     held = gear.train[:5]
     found = pipeline.calibrate(config, _brightness_model, held, "test")
     scores = np.asarray(_brightness_model(np.stack([read_image(s.path) for s in held]))[0])
     assert found["rule"] == rule and found["n_images"] == 5 and found["images"] == [str(s.path) for s in held]
     assert found["image_low"] == pytest.approx(scores.min(), rel=1e-6)
     if rule == "max":
-        assert found["image_threshold"] == pytest.approx(scores.max(), rel=1e-6)
+        assert found["image_threshold"] == pytest.approx(scores.max(), rel=1e-6) and pasted_batches == []
+        return
+    assert pasted_batches == [0, 1]  # both batches of the five images, each with its own seed
     images = jnp.asarray(np.stack([read_image(s.path) for s in held[:4]]))
-    pasted, masks = pipeline.synthetic_defects(config)(0, images)
+    pasted, masks = paste(0, images)
     assert pasted.shape == images.shape and bool(jnp.all(masks.sum((1, 2)) > 0))
-    assert np.array_equal(np.asarray(pasted), np.asarray(pipeline.synthetic_defects(config)(0, images)[0]))  # seeded
+    assert np.array_equal(np.asarray(pasted), np.asarray(paste(0, images)[0]))  # seeded by the batch
+    assert not np.array_equal(np.asarray(pasted), np.asarray(paste(1, images)[0]))

@@ -20,6 +20,7 @@ from PIL import Image
 from jaxad import checkpoint, deploy, export, pipeline
 from jaxad.config import apply_overrides, load_config
 from jaxad.data import synthetic
+from jaxad.errors import ConfigError
 from jaxad.eval import calibration
 from jaxad.runtime import compilation
 
@@ -133,6 +134,30 @@ def test_an_exported_fitted_model_scores_from_four_threads_as_serially(data, tmp
     _concurrent_equals_serial(model, [images[:n] for n in (1, 2, 3, 4, 5, 6, 7, 7)])
 
 
+def test_a_symbolic_batch_takes_any_number_of_images_in_chunks(tmp_path):
+    """The same toy program exported once for any batch answers 1, 3 and 7 images (in calls of at
+    most 3) exactly as it does in process; a symbolic program needs a chunk size."""
+    def fn(weights, images):
+        x = images.astype(jnp.float32).mean((1, 2, 3)) * weights[0]
+        return x / 255, x > 100, images[..., 0].astype(jnp.float32)
+
+    weights = [np.float32(2.0)]
+    (b,) = jax.export.symbolic_shape("b")
+    exported = jax.export.export(jax.jit(fn))([jax.ShapeDtypeStruct((), np.float32)],
+                                              jax.ShapeDtypeStruct((b, 5, 6, 3), jnp.uint8))
+    with pytest.raises(ConfigError, match="symbolic batch needs a chunk size"):
+        export.write(tmp_path / "bad.jaxad", exported, weights, {"method": "toy"})
+    path = export.write(tmp_path / "toy.jaxad", exported, weights, {"method": "toy"}, chunk_size=3)
+    model = deploy.load(path)
+    assert model.batch_size is None and model.chunk_size == 3
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    for part in (images[:1], images[1:4], images):
+        for got, want in zip(model(part), jax.device_get(jax.jit(fn)(weights, part))):
+            np.testing.assert_array_equal(got, want)
+    scores, _, _ = load_elsewhere(path, images, tmp_path)
+    np.testing.assert_array_equal(scores, model(images)[0])
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """(a folder of 8 normal images, 7 test images as uint8 [7, 64, 64, 3])."""
@@ -163,13 +188,19 @@ def test_exported_decisions_match_the_fitted_model(name, data, tmp_path):
     config = apply_overrides(load_config(ROOT / "configs" / f"{name}.py"), [*SMALL, *TINY[name]])
     workdir = tmp_path / "w"
     pipeline.run(config, normals, workdir)
-    path = export.export(workdir, tmp_path / "model.jaxad")
-    scores, labels, maps = load_elsewhere(path, images, tmp_path)
+    path = export.export(workdir, tmp_path / "model.jaxad")  # one program for any number of images
+    scores, labels, maps = load_elsewhere(path, images, tmp_path)  # in calls of 4 and 3
     want_scores, want_labels, want_maps = in_process(workdir, images)
     np.testing.assert_allclose(scores, want_scores, atol=1e-4)
     np.testing.assert_allclose(maps, want_maps, atol=1e-4)
     near = np.abs(want_scores - 0.5) < 1e-4  # a decision on the threshold may flip with rounding
     assert labels[~near].tolist() == want_labels[~near].tolist()
+    from jaxad import deploy
+    model = deploy.load(path)
+    for rows in (slice(0, 1), slice(1, 4)):  # batches of 1 and 3 from the same file
+        got = model(images[rows])
+        np.testing.assert_allclose(got[0], want_scores[rows], atol=1e-4)
+        np.testing.assert_allclose(got[2], want_maps[rows], atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(97, 83), (40, 50)])

@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import calibration_split
 from PIL import Image
 
 from jaxad import checkpoint, pipeline
 from jaxad.data import loader, synthetic
+from jaxad.eval import report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = ROOT / "configs"
@@ -98,12 +100,13 @@ def test_calibration_reads_held_out_training_images_only(fitted, category, calib
     assert json.loads((fitted / "metrics.json").read_text())["n_train"] == len(train) - len(held)
 
 
-def test_fit_writes_metrics_maps_and_state(fitted):
+def test_fit_writes_metrics_maps_and_state(fitted, category):
     metrics = json.loads((fitted / "metrics.json").read_text())
     for key in ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "n_train", "fit_seconds", "predict_images_per_second"]:
         assert key in metrics, key
-    assert metrics["n_train"] == 7  # one of the 8 training images is held out for calibration
-    assert metrics["calibration"]["n_images"] == 1 and metrics["calibration"]["rule"] == "max"
+    fit_count, held_count = calibration_split(fitted, category)  # calibration_fraction of the 8 held out
+    assert 0 < held_count < 8 and metrics["n_train"] == fit_count == 8 - held_count
+    assert metrics["calibration"]["n_images"] == held_count and metrics["calibration"]["rule"] == "max"
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["predict_images_per_second"] > 0
     assert len(list((fitted / "maps").glob("*.png"))) == 3
     assert (fitted / "roc.png").is_file() and (fitted / "state").is_dir()
@@ -154,6 +157,23 @@ def test_predict_prints_one_score_per_image(fitted, category, tmp_path, capsys):
     assert len(lines) == 3 and all(0 <= float(line.split()[0]) <= 1 for line in lines)
     assert all(line.split()[1] in ("anomalous", "normal") for line in lines)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 3
+
+
+def test_evaluate_and_predict_draw_maps_on_the_scale_the_calibration_fixed(fitted, category, tmp_path, capsys):
+    """The maps evaluation drew (fit's maps/) and predict.py's overlays of the same test images,
+    scored among other images, colour them alike: one scale, set by the stored calibration."""
+    drawn = {p.stem: p for p in (fitted / "maps").glob("*.png")}
+    tests = [p for p in sorted((category / "test").rglob("*.png")) if f"{p.parent.name}_{p.stem}" in drawn]
+    assert len(tests) == len(drawn) == 3
+    code, _, err = run_script("predict.py", "--workdir", fitted, "--out", tmp_path / "pred", *tests, capsys=capsys)
+    assert code == 0, err
+    for path, name in zip(tests, pipeline.distinct_names(tests)):
+        evaluated = np.asarray(Image.open(drawn[f"{path.parent.name}_{path.stem}"]), np.float32)
+        predicted = np.asarray(Image.open(tmp_path / "pred" / f"{name}.png"), np.float32)
+        side = predicted.shape[0] - report._HEADER - report._FOOTER
+        assert evaluated.shape[1] == 3 * side + 2 * report._GAP  # input | map | ground truth
+        tile = np.s_[report._HEADER + 30:report._HEADER + side, side + report._GAP:2 * side + report._GAP]
+        assert np.abs(evaluated[tile] - predicted[tile]).mean() < 0.5  # float rounding of the maps at most
 
 
 def test_predict_prints_json_and_csv_whose_decisions_match_the_scores(fitted, category, tmp_path, capsys):
@@ -243,7 +263,7 @@ def test_predict_never_writes_maps_into_a_users_folder(fitted, category, tmp_pat
     folder = tmp_path / "mine"
     folder.mkdir()
     image = folder / "000.png"
-    image.write_bytes(sorted((category / "test").rglob("*.png"))[0].read_bytes())
+    image.write_bytes(min((category / "test").rglob("*.png")).read_bytes())
     before = image.read_bytes()
     code, _, err = run_script("predict.py", "--workdir", fitted, "--out", folder, image, capsys=capsys)
     assert code != 0 and "holds files that jaxad did not write; choose an empty or new --out" in err
@@ -301,7 +321,7 @@ def test_truncated_training_image(category, tmp_path, capsys):
 
 def test_mask_size_mismatch(category, tmp_path, capsys):
     data = _copy_category(category, tmp_path / "cat")
-    mask = sorted((data / "ground_truth").rglob("*_mask.png"))[0]
+    mask = min((data / "ground_truth").rglob("*_mask.png"))
     Image.new("L", (10, 12)).save(mask)
     code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
     _one_line_error(code, err, mask.name)
@@ -315,18 +335,21 @@ def test_non_finite_pixels_are_reported_with_their_file(category, tmp_path, caps
     _one_line_error(code, err, "nan.tiff")
 
 
+@pytest.mark.slow
 def test_odd_but_valid_images_just_work(category, tmp_path, capsys):
-    """Greyscale, RGBA, 16-bit and odd-sized training images fit without complaint."""
+    """Greyscale, RGBA, 16-bit and odd-sized training images fit without complaint (a whole fit;
+    test_data checks that the loader reads each kind)."""
     data = _copy_category(category, tmp_path / "cat")
     train = sorted((data / "train" / "good").glob("*.png"))
     rgb = [np.asarray(Image.open(p).convert("RGB")) for p in train[:4]]
     Image.fromarray(rgb[0]).convert("L").save(train[0])
     Image.fromarray(rgb[1]).convert("RGBA").save(train[1])
-    Image.fromarray((rgb[2][..., 0].astype(np.uint16) * 257)).save(train[2])  # 16-bit greyscale
+    Image.fromarray(rgb[2][..., 0].astype(np.uint16) * 257).save(train[2])  # 16-bit greyscale
     Image.fromarray(rgb[3]).resize((97, 51)).save(train[3])
     code, _, err = run_script("fit.py", "--data", data, "--workdir", tmp_path / "w", *SMALL, capsys=capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == 7
+    fit_count, _ = calibration_split(tmp_path / "w", data)
+    assert json.loads((tmp_path / "w" / "metrics.json").read_text())["n_train"] == fit_count
 
 
 def test_workdir_with_foreign_files_is_refused(category, tmp_path, capsys):
@@ -350,11 +373,17 @@ def test_wrong_weight_file_is_one_line(category, tmp_path, capsys):
     _one_line_error(code, err, str(bogus))
 
 
-def test_bfloat16_backbone_compute_runs_and_a_bad_dtype_is_one_line(category, tmp_path, capsys):
+@pytest.mark.slow
+def test_bfloat16_backbone_compute_runs_end_to_end(category, tmp_path, capsys):
+    """A whole fit in bfloat16 (the backbone alone: test_backbones checks its features stay close)."""
     args = ["--method", "crd", "--data", category, *SMALL]
     code, _, err = run_script("fit.py", *args, "--workdir", tmp_path / "bf16", "--config.compute_dtype=bfloat16", capsys=capsys)
     assert code == 0, err
     assert 0.0 <= json.loads((tmp_path / "bf16" / "metrics.json").read_text())["image_auroc"] <= 1.0
+
+
+def test_a_bad_compute_dtype_is_one_line(category, tmp_path, capsys):
+    args = ["--method", "crd", "--data", category, *SMALL]
     code, _, err = run_script("fit.py", *args, "--workdir", tmp_path / "f16", "--config.compute_dtype=float16", capsys=capsys)
     assert code == 2 and "compute_dtype=float16" in err and "Traceback" not in err
 
@@ -382,6 +411,18 @@ def test_a_setting_out_of_range_is_refused_by_name(category, tmp_path, capsys, m
     assert code != 0 and message in err and "Traceback" not in err
 
 
+def test_predict_names_the_models_of_a_folder_of_categories(fitted, category, tmp_path, capsys):
+    """Given the folder of a multi-category fit, predict asks for one of its models by name."""
+    for name in ("a", "b"):
+        shutil.copytree(fitted, tmp_path / "w" / name)
+    image = min((category / "test").rglob("*.png"))
+    code, _, err = run_script("predict.py", "--workdir", tmp_path / "w", "--no-overlays", image, capsys=capsys)
+    assert code != 0 and "holds one fitted model per category (a, b); pass one of them" in err
+    code, out, err = run_script("predict.py", "--workdir", tmp_path / "w" / "b", "--no-overlays", image, capsys=capsys)
+    assert code == 0 and out.splitlines()[1].split()[3] == str(image), err
+
+
+@pytest.mark.slow
 def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
     """Each category gets its own workdir; predict names them when given the folder above."""
     data = tmp_path / "data"
@@ -391,11 +432,29 @@ def test_a_folder_of_categories_fits_one_model_each(category, tmp_path, capsys):
     code, _, err = run_script("fit.py", "--method", "crd", "--data", data, "--workdir", workdir, *SMALL, capsys=capsys)
     assert code == 0, err
     assert [r["category"] for r in json.loads((workdir / "summary.json").read_text())] == ["a", "b"]
-    image = sorted((category / "test").rglob("*.png"))[0]
+    image = min((category / "test").rglob("*.png"))
     code, _, err = run_script("predict.py", "--workdir", workdir, image, capsys=capsys)
     assert code != 0 and "holds one fitted model per category (a, b); pass one of them" in err
     code, out, err = run_script("predict.py", "--workdir", workdir / "b", image, capsys=capsys)
     assert code == 0 and out.splitlines()[1].split()[3] == str(image), err
+
+
+@pytest.mark.slow  # ~13 s of compiling; test_export's toy program checks the loader's chunks by default
+def test_one_export_decides_on_batches_of_any_size_as_the_fitted_model(fitted, category, tmp_path):
+    """The exported program's batch is symbolic: batches of 1 and 3 from one file, as in process."""
+    from test_export import in_process
+
+    from jaxad import deploy, export
+
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((category / "test").rglob("*.png"))[:4]])
+    model = deploy.load(export.export(fitted, tmp_path / "m.jaxad"))
+    assert model.batch_size is None
+    want_scores, want_labels, want_maps = in_process(fitted, images)
+    for rows in (slice(0, 1), slice(1, 4)):
+        scores, labels, maps = model(images[rows])
+        np.testing.assert_allclose(scores, want_scores[rows], atol=1e-4)
+        np.testing.assert_allclose(maps, want_maps[rows], atol=1e-4)
+        assert labels.tolist() == want_labels[rows].tolist()
 
 
 @pytest.mark.slow
@@ -409,7 +468,7 @@ def test_fit_predict_export_and_load_elsewhere_agree(fitted, category, tmp_path,
     assert code == 0, err
     rows = json.loads(out)
     code, out, err = run_script("export.py", "--workdir", fitted, "--out", tmp_path / "m.jaxad", capsys=capsys)
-    assert code == 0 and "crd, batch 4, uint8 images 64x64" in out, err
+    assert code == 0 and "crd, any number of uint8 images 64x64" in out, err
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
     scores, labels, _ = load_elsewhere(tmp_path / "m.jaxad", pixels, tmp_path)
     np.testing.assert_allclose(scores, [r["score"] for r in rows], atol=1e-4)

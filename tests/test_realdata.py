@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import calibration_split
 
 ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_bottle"
@@ -24,6 +25,7 @@ def test_crd_on_bottle_reaches_the_target(tmp_path):
         sys.argv = sys_argv
     assert stop.value.code == 0
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
-    assert metrics["n_train"] == 209 - 21 and metrics["n_test"] == 83  # 10% held out to calibrate
+    fit_count, held_count = calibration_split(tmp_path / "w", BOTTLE)  # calibration_fraction of the 209 held out
+    assert metrics["n_train"] == fit_count == 209 - held_count and held_count > 0 and metrics["n_test"] == 83
     assert metrics["image_auroc"] >= 0.97
     assert metrics["pixel_auroc"] >= 0.9

@@ -13,7 +13,7 @@ from jaxad.eval import metrics, run_report
 SIZE = (32, 40)
 
 
-def _run(tmp_path, extra=None):
+def _run(tmp_path, calibrated=None):
     """A small test split (5 good, 2 crack, 2 hole) written as PNGs, with scores, maps and masks."""
     rng = np.random.default_rng(0)
     kinds = ["good"] * 5 + ["crack"] * 2 + ["hole"] * 2
@@ -31,8 +31,7 @@ def _run(tmp_path, extra=None):
     result = metrics.evaluate(scores, labels, maps, masks)
     result["per_defect_image_auroc"] = metrics.evaluate_by_group(scores, labels, kinds)
     result["per_defect_pixel"] = metrics.pixel_metrics_by_group(maps, masks, labels, kinds)
-    result.update(extra or {})
-    path = run_report.write(tmp_path / "report.html", "crd on toy", result, scores, maps, masks, samples, SIZE)
+    path = run_report.write(tmp_path / "report.html", "crd on toy", result, scores, maps, masks, samples, SIZE, calibrated)
     return path.read_text(encoding="utf-8")
 
 
@@ -54,13 +53,16 @@ def test_decisions_use_the_best_f1_threshold_and_say_so(tmp_path):
     page = _run(tmp_path)
     # best F1 (8/9) at 0.5: flags every defect and good/002 (0.9)
     assert "Decisions at threshold 0.5000" in page and "best-F1 threshold on this test set" in page
+    assert "percentiles (the model stores no calibration)" in page  # no fixed colour scale either
     assert re.search(r"<td>normal</td><td class=\"num\">4</td><td class=\"num\">1</td>", page)
     assert re.search(r"<td>anomalous</td><td class=\"num\">0</td><td class=\"num\">4</td>", page)
 
 
 def test_a_stored_threshold_is_used_instead(tmp_path):
-    page = _run(tmp_path, {run_report.STORED_THRESHOLD: 0.85})
+    calibrated = {"image_threshold": 0.85, "image_span": 0.8, "pixel_threshold": 1.2, "pixel_span": 1.0}
+    page = _run(tmp_path, calibrated)
     assert "Decisions at threshold 0.8500" in page and "stored with the model" in page
+    assert "the colour scale the calibration fixed" in page and "percentiles" not in page
     assert "best-F1 threshold on this test set" not in page
     assert re.search(r"<td>normal</td><td class=\"num\">4</td><td class=\"num\">1</td>", page)
     assert re.search(r"<td>anomalous</td><td class=\"num\">3</td><td class=\"num\">1</td>", page)

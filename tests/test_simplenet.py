@@ -146,7 +146,7 @@ def test_noise_is_fresh_every_step():
     one, _ = step(state, None, keys[0])
     again, _ = step(state, None, keys[0])
     other, _ = step(state, None, keys[1])
-    leaves = lambda s: jax.tree.leaves(s["params"])  # noqa: E731
+    leaves = lambda s: jax.tree.leaves(s["params"])
     assert all(np.array_equal(x, y) for x, y in zip(leaves(one), leaves(again)))
     assert any(not np.array_equal(x, y) for x, y in zip(leaves(one), leaves(other)))
 
@@ -217,7 +217,7 @@ def test_bad_settings_are_config_errors(gear, backbone, tmp_path):
 @pytest.mark.slow
 def test_cli_fits_evaluates_and_reloads(gear, tmp_path, capsys):
     workdir = tmp_path / "w"
-    code, out, err = run_script("fit.py", "--method", "simplenet", "--data", gear, "--workdir", workdir, *SMALL,
+    code, _out, err = run_script("fit.py", "--method", "simplenet", "--data", gear, "--workdir", workdir, *SMALL,
                                 "--config.train_steps=6", "--config.validate_every=3", "--config.hidden_dim=32",
                                 capsys=capsys)
     assert code == 0, err
@@ -232,6 +232,7 @@ def test_cli_fits_evaluates_and_reloads(gear, tmp_path, capsys):
     assert again["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
 
 
+@pytest.mark.slow  # test_training checks the rule (another run's checkpoints are not resumed) in a second
 def test_a_refit_with_another_config_trains_afresh(gear, tmp_path, capsys):
     """The workdir's checkpoints of a first fit are not resumed by a second with other settings
     (resuming them returned the first model, or failed on the changed shapes)."""

@@ -1,65 +1,57 @@
-"""A decision drawn on an image: the normalised anomaly map on a fixed colour scale, with the
+"""Decisions drawn on images: anomaly maps on the colour scale the calibration fixes, with the
 predicted defect outlined.
 
-Normalised maps (:mod:`jaxad.eval.calibration`) put every method's threshold at 0.5, so the scale
-runs from 0 to 1 for every image and every run: the same colour means the same thing, and the
-outline is where the colour crosses the middle of the bar.
+Normalised maps (:mod:`jaxad.eval.calibration`) put every method's pixel threshold at 0.5, so the
+scale runs from 0 to 1 for every image and every run: the same colour means the same raw map value
+of the same fitted model, whatever else is drawn with it, and the outline is where the colour
+crosses the middle of the bar. Nothing here looks at more than the one image being drawn.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from jaxad import checkpoint
-from jaxad.eval.report import heatmap
+from jaxad.eval import calibration, report
 
-_MIN_SIDE = 160  # panels are upscaled (integer factor) to at least this
-_HEADER, _FOOTER, _GAP = 24, 30, 4
-OUTLINE = (255, 255, 255)
+THRESHOLD = 0.5  # of normalised scores and maps
 
 
-def outline(mask: np.ndarray, width: int) -> np.ndarray:
-    """Pixels of ``mask`` within ``width`` (4-neighbour) steps of its outside."""
-    inner = mask.copy()
-    for _ in range(width):
-        p = np.pad(inner, 1)
-        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return mask & ~inner
+def normalised(calibrated: Mapping, scores: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (scores, maps) → their normalised values in [0, 1], by the stored calibration alone."""
+    return (np.asarray(calibration.normalise(scores, calibrated["image_threshold"], calibrated["image_span"])),
+            np.asarray(calibration.normalise(maps, calibrated["pixel_threshold"], calibrated["pixel_span"])))
 
 
-def decision_panel(image: np.ndarray, normalised_map: np.ndarray, title: str) -> Image.Image:
-    """[input | map overlay with the predicted defect (normalised map ≥ 0.5) outlined], a colour bar
-    from 0 to 1 with the threshold marked. ``image`` [H, W, 3] float in [0, 1]; the map at its size."""
-    h, w = image.shape[:2]
-    k = max(1, math.ceil(_MIN_SIDE / min(h, w)))
-    size = (w * k, h * k)
-    rgb = np.asarray(Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC))
-    m = np.asarray(Image.fromarray(np.asarray(normalised_map, np.float32)).resize(size, Image.Resampling.BILINEAR))
-    overlay = np.round(0.5 * rgb + 0.5 * heatmap(m, 0.0, 1.0)).astype(np.uint8)
-    overlay[outline(m >= 0.5, max(1, k))] = OUTLINE
-    out = Image.new("RGB", (2 * size[0] + _GAP, _HEADER + size[1] + _FOOTER), "white")
-    out.paste(Image.fromarray(rgb), (0, _HEADER))
-    out.paste(Image.fromarray(overlay), (size[0] + _GAP, _HEADER))
-    draw = ImageDraw.Draw(out)
-    draw.text((4, 5), title, font=ImageFont.load_default(size=14), fill=(0, 0, 0))
-    x0, x1 = size[0] + _GAP + 4, 2 * size[0] + _GAP - 4
-    bar = heatmap(np.linspace(0.0, 1.0, max(x1 - x0, 2))[None].repeat(8, 0), 0.0, 1.0)
-    y = _HEADER + size[1] + 4
-    out.paste(Image.fromarray(bar), (x0, y))
-    draw.line(((x0 + x1) // 2, y - 2, (x0 + x1) // 2, y + 9), fill=(0, 0, 0), width=2)
-    small = ImageFont.load_default(size=11)
-    for x, text, anchor in ((x0, "0", "la"), ((x0 + x1) // 2, "0.5 threshold", "ma"), (x1, "1", "ra")):
-        draw.text((x, y + 10), text, font=small, fill=(0, 0, 0), anchor=anchor)
-    return out
+def decision_panel(image: np.ndarray, normalised_map: np.ndarray, title: str, truth: np.ndarray | None = None) -> Image.Image:
+    """[input | map overlay, predicted defect (normalised map ≥ 0.5) outlined in white | ground truth
+    when ``truth`` is given], a colour bar from 0 to 1 with the threshold marked."""
+    return report.panel(image, normalised_map, truth, title, 0.0, 1.0, threshold=THRESHOLD)
 
 
-def save_decision(path: str | Path, image: np.ndarray, normalised_map: np.ndarray, title: str) -> Path:
+def save_decision(path: str | Path, image: np.ndarray, normalised_map: np.ndarray, title: str,
+                  truth: np.ndarray | None = None) -> Path:
     """Write :func:`decision_panel` as a PNG."""
     path = Path(path)
     with checkpoint.replacing(path) as tmp:
-        decision_panel(image, normalised_map, title).save(tmp)
+        decision_panel(image, normalised_map, title, truth).save(tmp)
     return path
+
+
+def save_decisions(out_dir: str | Path, calibrated: Mapping, images: np.ndarray, scores: np.ndarray, maps: np.ndarray,
+                   names: Sequence[str], truths: np.ndarray | None = None) -> list[Path]:
+    """One :func:`decision_panel` PNG per image in ``out_dir``, from raw ``scores`` [N] and ``maps``
+    [N, h, w]; titled with the name, the decision and the normalised score."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    norm_scores, norm_maps = normalised(calibrated, np.asarray(scores), np.asarray(maps))
+    paths = []
+    for i, (name, stem) in enumerate(zip(names, report.file_stems(names))):
+        verdict = "anomalous" if scores[i] >= calibrated["image_threshold"] else "normal"
+        paths.append(save_decision(out_dir / f"{stem}.png", images[i], norm_maps[i],
+                                   f"{name}: {verdict} {norm_scores[i]:.3f}", None if truths is None else truths[i]))
+    return paths

@@ -6,6 +6,7 @@ jaxad creates for its runs, so a rerun overwrites its own earlier outputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -31,6 +32,7 @@ _RAMP = np.array([
 _SERIES_COLOURS = [(29, 105, 190), (220, 60, 40), (40, 150, 70), (240, 150, 20), (130, 80, 180), (110, 110, 110), (0, 170, 170), (200, 60, 150)]
 _MIN_SIDE = 160  # overlay panels are upscaled (integer factor) to at least this, so small maps stay readable
 _HEADER, _FOOTER, _GAP = 24, 30, 4
+PREDICTED = (255, 255, 255)  # outline of a predicted defect; ground truth is green
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -66,7 +68,7 @@ def _resize(a: np.ndarray, size: tuple[int, int], resample: Image.Resampling) ->
     return np.asarray(Image.fromarray(src).resize((size[1], size[0]), resample))
 
 
-def _contour(mask: np.ndarray, width: int) -> np.ndarray:
+def outline(mask: np.ndarray, width: int) -> np.ndarray:
     """Pixels of ``mask`` within ``width`` (4-neighbour) steps of its outside."""
     inner = mask.copy()
     for _ in range(width):
@@ -82,20 +84,25 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font) -> N
     draw.text(xy, text, font=font, fill=(255, 255, 255))
 
 
-def panel(image: np.ndarray, map2d: np.ndarray, mask: np.ndarray | None, title: str, vmin: float, vmax: float) -> Image.Image:
-    """One image's [input | map overlay | ground truth] strip with caption and colour bar."""
+def panel(image: np.ndarray, map2d: np.ndarray, mask: np.ndarray | None, title: str, vmin: float, vmax: float,
+          threshold: float | None = None) -> Image.Image:
+    """One image's [input | map overlay | ground truth] strip with caption and colour bar. With a
+    ``threshold``, the map's region at or above it (the predicted defect) is outlined in white and
+    the threshold is marked on the bar."""
     h, w = image.shape[:2]
     k = max(1, math.ceil(_MIN_SIDE / min(h, w)))
     size = (h * k, w * k)
     rgb = _resize(_rgb_uint8(image), size, Image.Resampling.BICUBIC)
-    colours = heatmap(_resize(np.asarray(map2d, np.float32), size, Image.Resampling.BILINEAR), vmin, vmax)
-    overlay = np.round(0.5 * rgb + 0.5 * colours).astype(np.uint8)
+    resized = _resize(np.asarray(map2d, np.float32), size, Image.Resampling.BILINEAR)
+    overlay = np.round(0.5 * rgb + 0.5 * heatmap(resized, vmin, vmax)).astype(np.uint8)
+    if threshold is not None:
+        overlay[outline(resized >= threshold, max(1, k))] = PREDICTED
     tiles = [(rgb, "input"), (overlay, "anomaly map")]
     if mask is not None:
         m = _resize(np.asarray(mask, bool).astype(np.uint8) * 255, size, Image.Resampling.NEAREST) > 127
         truth = rgb.copy()
         truth[m] = np.round(0.6 * truth[m] + 0.4 * np.array([0, 255, 0])).astype(np.uint8)
-        truth[_contour(m, max(2, k))] = (0, 255, 0)
+        truth[outline(m, max(2, k))] = (0, 255, 0)
         tiles.append((truth, "ground truth"))
     out = Image.new("RGB", (len(tiles) * size[1] + (len(tiles) - 1) * _GAP, _HEADER + size[0] + _FOOTER), "white")
     draw = ImageDraw.Draw(out)
@@ -112,7 +119,24 @@ def panel(image: np.ndarray, map2d: np.ndarray, mask: np.ndarray | None, title: 
     small = _font(11)
     draw.text((x0, y + 10), f"{vmin:.4g}", font=small, fill=(0, 0, 0))
     draw.text((x1, y + 10), f"{vmax:.4g}", font=small, fill=(0, 0, 0), anchor="ra")
+    if threshold is not None and vmax > vmin:
+        x = round(x0 + (x1 - x0) * min(max((threshold - vmin) / (vmax - vmin), 0.0), 1.0))
+        draw.line((x, y - 2, x, y + 9), fill=(0, 0, 0), width=2)
+        draw.text((x, y + 10), f"{threshold:.4g} threshold", font=small, fill=(0, 0, 0), anchor="ma")
     return out
+
+
+def file_stems(names: Sequence[str]) -> list[str]:
+    """Distinct file-name stems for ``names``: characters other than letters, digits, ``.``, ``_``
+    and ``-`` become ``_``; a repeat gets a trailing ``_``."""
+    stems, used = [], set()
+    for i, name in enumerate(names):
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)) or f"{i:04d}"
+        while stem in used:
+            stem += "_"
+        used.add(stem)
+        stems.append(stem)
+    return stems
 
 
 def save_overlays(
@@ -141,13 +165,9 @@ def save_overlays(
         vmin = float(lo) if vmin is None else vmin
         vmax = float(hi) if vmax is None else vmax
     keep = range(n) if max_images is None or max_images >= n else np.unique(np.linspace(0, n - 1, max_images).round().astype(int))
-    paths, used = [], set()
-    for i in keep:
-        name = names[i] if names is not None else f"{i:04d}"
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)) or f"{i:04d}"
-        while stem in used:
-            stem += "_"
-        used.add(stem)
+    shown = [names[i] if names is not None else f"{i:04d}" for i in keep]
+    paths = []
+    for i, name, stem in zip(keep, shown, file_stems(shown)):
         title = str(name) if scores is None else f"{name}   score {float(scores[i]):.4g}"
         path = out_dir / f"{stem}.png"
         with checkpoint.replacing(path) as tmp:
@@ -189,7 +209,7 @@ def _tick_text(t: float, log: bool, step: float) -> str:
 
 
 def _dashed(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], fill, width: int, dash: float) -> None:
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         length = math.hypot(x1 - x0, y1 - y0)
         for s in np.arange(0.0, length, 2 * dash):
             a, b = s / length, min(s + dash, length) / length

@@ -22,10 +22,9 @@ from PIL import Image
 
 from jaxad import checkpoint
 from jaxad.data import Sample, read_image, resize_image
-from jaxad.eval import report
+from jaxad.eval import overlay, report
 
 SHOWN = 6  # images in each gallery
-STORED_THRESHOLD = "image_threshold"  # metrics key of a threshold calibrated at fit time, when there is one
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
@@ -38,13 +37,13 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
-def decision_threshold(result: Mapping[str, Any]) -> tuple[float, str]:
+def decision_threshold(result: Mapping[str, Any], calibrated: Mapping[str, Any] | None) -> tuple[float, str]:
     """The image-score threshold of the report's decisions and a sentence saying where it comes from.
 
-    A stored (calibrated) threshold when the metrics hold one; else the best-F1 threshold, which
+    The threshold calibrated at fit time when the model has one; else the best-F1 threshold, which
     is chosen with the test labels and so flatters the decisions it makes."""
-    if STORED_THRESHOLD in result:
-        return float(result[STORED_THRESHOLD]), "the threshold stored with the model at fit time"
+    if calibrated is not None:
+        return float(calibrated["image_threshold"]), "the threshold stored with the model at fit time"
     return float(result["image_f1_threshold"]), (
         "the best-F1 threshold on this test set: chosen with the test labels, so these decisions are "
         "optimistic; the model stores no calibrated threshold")
@@ -110,33 +109,45 @@ def _per_defect(result: Mapping[str, Any], defects: np.ndarray, flagged: np.ndar
 
 
 def _gallery(indices: Sequence[int], samples: Sequence[Sample], scores: np.ndarray, maps: np.ndarray,
-             masks: np.ndarray, flagged: np.ndarray, size: tuple[int, int], vmin: float, vmax: float) -> str:
-    """Input | map overlay | ground truth of each chosen test image, read again from its file."""
+             masks: np.ndarray, flagged: np.ndarray, size: tuple[int, int], calibrated: Mapping[str, Any] | None,
+             scale: tuple[float, float]) -> str:
+    """Input | map overlay | ground truth of each chosen test image, read again from its file: on the
+    calibration's fixed scale with the predicted defect outlined, or without one on ``scale``."""
     out = []
     for i in indices:
         name = f"{samples[i].defect}/{Path(samples[i].path).name}"
         title = f"{name}   score {scores[i]:.4g}, called {'anomalous' if flagged[i] else 'normal'}"
         image = resize_image(read_image(samples[i].path), size)
         mask = masks[i] if masks[i].any() else None
-        out.append(_png(report.panel(image, maps[i], mask, title, vmin, vmax), name))
+        if calibrated is not None:
+            drawn = overlay.decision_panel(image, overlay.normalised(calibrated, scores[i], maps[i])[1], title, mask)
+        else:
+            drawn = report.panel(image, maps[i], mask, title, *scale)
+        out.append(_png(drawn, name))
     return f'<div class="gallery">{"".join(out)}</div>' if out else '<p class="note">none in the test set</p>'
 
 
 def write(path: str | Path, title: str, result: Mapping[str, Any], scores: np.ndarray, maps: np.ndarray,
-          masks: np.ndarray, samples: Sequence[Sample], size: tuple[int, int]) -> Path:
+          masks: np.ndarray, samples: Sequence[Sample], size: tuple[int, int],
+          calibrated: Mapping[str, Any] | None = None) -> Path:
     """Write the report of one evaluated run to ``path``.
 
     ``result`` is the run's metrics (as in metrics.json); ``scores``, ``maps`` and ``masks`` are the
     test split's image scores, anomaly maps and ground-truth masks, in the order of ``samples``;
-    ``size`` is the (H, W) the model saw, to which the shown images are resized.
+    ``size`` is the (H, W) the model saw, to which the shown images are resized; ``calibrated`` the
+    model's stored calibration (:mod:`jaxad.eval.calibration`), if it has one.
     """
     scores, maps, masks = np.asarray(scores, np.float64), np.asarray(maps, np.float32), np.asarray(masks, bool)
     anomalous = np.array([s.label != 0 for s in samples])
     defects = np.array([s.defect for s in samples])
-    value, source = decision_threshold(result)
+    value, source = decision_threshold(result, calibrated)
     flagged = scores >= value  # the rule of every threshold in jaxad.eval.metrics
     both = anomalous.any() and (~anomalous).any()
-    vmin, vmax = (float(v) for v in np.percentile(maps, [1.0, 99.9]))
+    scale = tuple(float(v) for v in np.percentile(maps, [1.0, 99.9]))
+    colours = ("Maps share the colour scale the calibration fixed: normalised map values from 0 (blue) to 1 (red), "
+               "the pixel threshold at 0.5; the predicted defect is outlined in white." if calibrated is not None else
+               f"Maps share one colour scale, from {scale[0]:.4g} (blue) to {scale[1]:.4g} (red), the test maps' "
+               "1st and 99.9th percentiles (the model stores no calibration).")
     normal, defective = np.flatnonzero(~anomalous), np.flatnonzero(anomalous)
     worst_normal = normal[np.argsort(-scores[normal], kind="stable")][:SHOWN]
     worst_defects = defective[np.argsort(scores[defective], kind="stable")][:SHOWN]
@@ -160,12 +171,11 @@ written {time.strftime('%Y-%m-%d %H:%M')}</p>
 <p class="note">Image AUROC and pixel metrics of each type's images together with all normal test images.</p>
 {_per_defect(result, defects, flagged)}
 <h2>Normal images with the highest scores</h2>
-<p class="note">The false alarms, if any, come first.
-Maps share one colour scale, from {vmin:.4g} (blue) to {vmax:.4g} (red).</p>
-{_gallery(worst_normal, samples, scores, maps, masks, flagged, size, vmin, vmax)}
+<p class="note">The false alarms, if any, come first. {html.escape(colours)}</p>
+{_gallery(worst_normal, samples, scores, maps, masks, flagged, size, calibrated, scale)}
 <h2>Defective images with the lowest scores</h2>
 <p class="note">The missed defects, if any, come first; ground truth outlined in green.</p>
-{_gallery(worst_defects, samples, scores, maps, masks, flagged, size, vmin, vmax)}
+{_gallery(worst_defects, samples, scores, maps, masks, flagged, size, calibrated, scale)}
 </body></html>
 """
     path = Path(path)

@@ -50,6 +50,7 @@ State (``G`` groups, ``m`` images in the largest group, ``N`` training images), 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -243,8 +244,12 @@ def mahalanobis(f: jax.Array, group: jax.Array, members: jax.Array, stats: dict,
 
     Locations are scored in blocks (``jax.lax.map``) sized so that the gathered group rows, a
     [block, B, m, d] array, stay within ``chunk_bytes``; the result does not depend on the block size.
+    A symbolic batch (``jax.export``) gives no size to divide by: its images are scored one at a time.
     """
     b, n_loc, d = f.shape
+    if jax.export.is_symbolic_dim(b):
+        one = partial(mahalanobis, members=members, stats=stats, chunk_bytes=chunk_bytes)
+        return jax.lax.map(lambda args: one(args[0][None], args[1][None])[0], (f, group))
     index = members[group]  # [B, m]
     block = int(max(1, min(n_loc, chunk_bytes // (b * index.shape[1] * d * f.dtype.itemsize))))
 

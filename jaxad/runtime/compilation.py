@@ -87,16 +87,19 @@ def in_fixed_batches(fn: Callable[[Any], Any], inputs: Any, batch_size: int) -> 
     out = []
     for start in range(0, count, batch_size):
         rows = np.minimum(np.arange(start, start + batch_size), count - 1)  # the tail repeats the last item
-        result = fn(jax.tree.map(lambda x: x[rows], inputs))
+        result = fn(jax.tree.map(lambda x, rows=rows: x[rows], inputs))
         real = count - start
-        out.append(jax.tree.map(lambda r: r[:real], result) if real < batch_size else result)
+        out.append(jax.tree.map(lambda r, real=real: r[:real], result) if real < batch_size else result)
     return out
 
 
 def in_small_batches_on_cpu(fn: Callable[[jax.Array], Any], images: jax.Array, size: int) -> Any:
     """``fn(images)`` (a pytree with a leading batch axis), computed ``size`` images at a time
     (``lax.map``) on a single CPU device, where a whole batch's intermediate maps overflow the
-    caches; elsewhere, or across devices (the batch is sharded), in one call."""
-    if jax.default_backend() != "cpu" or jax.device_count() > 1 or images.shape[0] <= size:
+    caches; elsewhere, or across devices (the batch is sharded), in one call. A symbolic batch
+    (``jax.export``) cannot be cut into groups of ``size``: its images go one at a time."""
+    batch = images.shape[0]
+    if jax.default_backend() != "cpu" or jax.device_count() > 1 or (not jax.export.is_symbolic_dim(batch) and batch <= size):
         return fn(images)
-    return jax.lax.map(lambda image: jax.tree.map(lambda a: a[0], fn(image[None])), images, batch_size=size)
+    return jax.lax.map(lambda image: jax.tree.map(lambda a: a[0], fn(image[None])), images,
+                       batch_size=None if jax.export.is_symbolic_dim(batch) else size)
