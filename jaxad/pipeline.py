@@ -50,6 +50,9 @@ from jaxad.train import loop
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
 MULTI_HOST_METHODS = ("crd",)  # methods whose fit reduces its statistics over every process's devices
 CALIBRATION_FILE = "calibration.json"
+# Settings a fit chooses itself and metrics.json reports beside the accuracy: CRD's λ (in its
+# lam_mode), its median effective value over groups, and λ / G's smallest eigenvalue (near 0: inactive).
+CHOSEN_KEYS = ("lam", "lam_effective", "lam_ratio")
 # Methods that hold out ``loop.hold_out(n, config.val_fraction, config.seed)[1]`` of the n images
 # they are given and only choose settings on them (normalising quantiles, z statistics, the best
 # step): calibration reuses that split instead of holding out more. CPR is not one: its held-out
@@ -274,6 +277,7 @@ def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Pat
     state, fit_seconds = fit(config, dataset, backbone)
     saved = {k: v for k, v in state.items() if k not in RUNTIME_KEYS}
     result: dict[str, Any] = {"category": dataset.name, "method": config.method, "n_train": len(dataset.train), "fit_seconds": fit_seconds}
+    result.update({k: float(state[k]) for k in CHOSEN_KEYS if k in state})
     if not distributed.is_main():
         return result
     checkpoint.save(workdir, config, saved)
