@@ -217,7 +217,7 @@ def split_for_calibration(config: ml_collections.ConfigDict, dataset: Dataset) -
         "held-out training images (calibration_fraction)"
 
 
-def _scores_and_maps(config: ml_collections.ConfigDict, predictor, samples: tuple[Sample, ...], desc: str,
+def scores_and_maps(config: ml_collections.ConfigDict, predictor, samples: tuple[Sample, ...], desc: str,
                      transform=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(scores [N], maps [N, H, W], masks [N, H, W] or None) of ``samples``, streamed in batches;
     ``transform(i, images) -> (images, masks)`` alters each batch first (synthetic defects)."""
@@ -248,10 +248,10 @@ def synthetic_defects(config: ml_collections.ConfigDict):
 def calibrate(config: ml_collections.ConfigDict, predictor, samples: tuple[Sample, ...], source: str) -> dict:
     """Thresholds and normalisations (:func:`jaxad.eval.calibration.calibrate`) from the calibration
     images, taken to be normal; with ``threshold_rule=f1`` also from copies with synthetic defects."""
-    normal_scores, normal_maps, _ = _scores_and_maps(config, predictor, samples, "calibrate")
+    normal_scores, normal_maps, _ = scores_and_maps(config, predictor, samples, "calibrate")
     defects = {}
     if config.threshold_rule == "f1":
-        s, m, masks = _scores_and_maps(config, predictor, samples, "calibrate defects", synthetic_defects(config))
+        s, m, masks = scores_and_maps(config, predictor, samples, "calibrate defects", synthetic_defects(config))
         defects = {"defect_scores": s, "defect_maps": m, "defect_masks": masks}
     found = calibration.calibrate(config.threshold_rule, config.threshold_quantile, normal_scores, normal_maps, **defects)
     return {**found, "source": source, "n_images": len(samples), "images": [str(s.path) for s in samples]}
