@@ -50,6 +50,9 @@ from jaxad.train import loop
 RUNTIME_KEYS = ("backbone",)  # state entries rebuilt at load time, never saved
 MULTI_HOST_METHODS = ("crd",)  # methods whose fit reduces its statistics over every process's devices
 CALIBRATION_FILE = "calibration.json"
+# Settings a fit chooses itself and metrics.json reports beside the accuracy: CRD's λ (in its
+# lam_mode), its median effective value over groups, and λ / G's smallest eigenvalue (near 0: inactive).
+CHOSEN_KEYS = ("lam", "lam_effective", "lam_ratio")
 # Methods that hold out ``loop.hold_out(n, config.val_fraction, config.seed)[1]`` of the n images
 # they are given and only choose settings on them (normalising quantiles, z statistics, the best
 # step): calibration reuses that split instead of holding out more. CPR is not one: its held-out
@@ -219,7 +222,7 @@ def split_for_calibration(config: ml_collections.ConfigDict, dataset: Dataset) -
         "held-out training images (calibration_fraction)"
 
 
-def _scores_and_maps(config: ml_collections.ConfigDict, predictor, samples: tuple[Sample, ...], desc: str,
+def scores_and_maps(config: ml_collections.ConfigDict, predictor, samples: tuple[Sample, ...], desc: str,
                      transform=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(scores [N], maps [N, H, W], masks [N, H, W] or None) of ``samples``, streamed in batches;
     ``transform(i, images) -> (images, masks)`` alters each batch first (synthetic defects)."""
@@ -250,10 +253,10 @@ def synthetic_defects(config: ml_collections.ConfigDict):
 def calibrate(config: ml_collections.ConfigDict, predictor, samples: tuple[Sample, ...], source: str) -> dict:
     """Thresholds and normalisations (:func:`jaxad.eval.calibration.calibrate`) from the calibration
     images, taken to be normal; with ``threshold_rule=f1`` also from copies with synthetic defects."""
-    normal_scores, normal_maps, _ = _scores_and_maps(config, predictor, samples, "calibrate")
+    normal_scores, normal_maps, _ = scores_and_maps(config, predictor, samples, "calibrate")
     defects = {}
     if config.threshold_rule == "f1":
-        s, m, masks = _scores_and_maps(config, predictor, samples, "calibrate defects", synthetic_defects(config))
+        s, m, masks = scores_and_maps(config, predictor, samples, "calibrate defects", synthetic_defects(config))
         defects = {"defect_scores": s, "defect_maps": m, "defect_masks": masks}
     found = calibration.calibrate(config.threshold_rule, config.threshold_quantile, normal_scores, normal_maps, **defects)
     return {**found, "source": source, "n_images": len(samples), "images": [str(s.path) for s in samples]}
@@ -281,6 +284,7 @@ def run_category(config: ml_collections.ConfigDict, category: Path, workdir: Pat
     saved = {k: v for k, v in state.items() if k not in RUNTIME_KEYS}
     result: dict[str, Any] = {"category": dataset.name, "method": config.method, "n_train": len(dataset.train),
                               "fit_seconds": fit_seconds, "peak_rss_mb": memory.peak_rss() / 2**20}
+    result.update({k: float(state[k]) for k in CHOSEN_KEYS if k in state})
     if not distributed.is_main():
         return result
     checkpoint.save(workdir, config, saved)

@@ -8,6 +8,7 @@
     python scripts/bench.py --backbones [--per-tap] [--backbone NAME ...] [--no-compile] [--section NAME]
     python scripts/bench.py --import-from OTHER/BENCHMARKS.md --section NAME [--out BENCHMARKS.md]
     python scripts/bench.py --summary [--section NAME --replaces OLD ...]
+    python scripts/bench.py --method paap --select feature_sigma=0,4,8 [--data-root DIR] [--section NAME]
 
 --distances times CRD against exact and 1%-coreset nearest neighbour on synthetic features for
 d in {152, 1536} and growing bank sizes, with a log-log plot beside --out. --coreset times the
@@ -27,6 +28,10 @@ patches at d = 152, and through exact and 1%-coreset nearest neighbour as far as
 --scale-nn-gb: fit throughput, peak host and device memory, score time, plots, and projections to
 d = 1536 and a TPU v5e-8 (jaxad/bench/scale.py).
 
+--select KEY=V1,V2,... fits each method once per value on the training images less a held-out
+20% and scores those held-out images, clean and with pasted synthetic anomalies, then writes the
+curve and the chosen value (jaxad/bench/select.py); the test split is never read.
+
 --import-from copies section NAME of a BENCHMARKS.md written on another machine (a GPU, a TPU VM),
 with the plots folder benchmarks/NAME beside it, into --out as it is.
 
@@ -45,7 +50,7 @@ import sys
 from pathlib import Path
 
 from jaxad import cli
-from jaxad.bench import backbone_speed, distance_speed, harness, scale, summary
+from jaxad.bench import backbone_speed, distance_speed, harness, scale, select, summary
 from jaxad.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +68,8 @@ def main() -> int:
     parser.add_argument("--note", default="", help="sentence printed under the tables (e.g. the schedule used)")
     parser.add_argument("--few-shot", help="comma-separated training-set sizes, e.g. 5,10,25,50,all: "
                         "image AUROC against the number of normal training images, plotted per dataset")
+    parser.add_argument("--select", metavar="KEY=V1,V2,...",
+                        help="choose KEY among the values on held-out training images with synthetic anomalies")
     parser.add_argument("--distances", action="store_true", help="run the distance micro-benchmark instead")
     parser.add_argument("--max-n", type=float, default=1e7, help="largest bank for d=152 (d=1536 stops 10x lower)")
     parser.add_argument("--flop-budget", type=float, default=2e11, help="NN FLOPs timed per measurement (raise on accelerators)")
@@ -132,7 +139,10 @@ def methods(args: argparse.Namespace, command: str) -> str:
     names = args.method or ["crd"]
     configs = harness.variants(names, args.variant, ROOT / "configs", with_default=not args.no_default)
     section = args.section or f"{'-'.join(names)}-{root.resolve().name}"
-    if args.few_shot:
+    if args.select:
+        section = args.section or f"select-{select.parse(args.select)[0]}-{section}"
+        select.write_selection(args.out, section, command, configs, datasets, args.select, args.note)
+    elif args.few_shot:
         sizes = [0 if s.strip() == "all" else int(s) for s in args.few_shot.split(",")]
         harness.write_few_shot(args.out, section, command, configs, datasets, sizes, args.note)
     else:

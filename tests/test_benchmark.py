@@ -87,6 +87,15 @@ def test_bench_rows_record_the_peak_rss_of_the_fit_alone(tmp_path):
     assert "| peak_rss_mb |" in harness.accuracy_section("t", "cmd", rows)
 
 
+def test_the_section_names_the_lambda_each_crd_row_ran_with():
+    rows = [{"dataset": "gear", "method": "crd", "variant": "default", "image_auroc": 0.9, "lam": 0.03, "lam_ratio": 0.012},
+            {"dataset": "gear", "method": "padim", "variant": "default", "image_auroc": 0.8}]
+    lines = harness.accuracy_section("t", "python scripts/bench.py", rows).splitlines()
+    chosen = [line for line in lines if line.startswith("λ (λ / smallest eigenvalue of G")]
+    assert chosen == ["λ (λ / smallest eigenvalue of G, median over groups): crd/default gear 0.03 (0.012)"]
+    assert not any(line.startswith("λ (") for line in harness.accuracy_section("t", "c", rows[1:]).splitlines())
+
+
 def test_few_shot_configs_subsample_the_training_set(tmp_path):
     configs = harness.few_shot(harness.variants(["crd"], ["wide:lam=2"], CONFIGS_DIR), [3, 0])
     assert sorted(configs) == [("crd", "n=3"), ("crd", "n=all"), ("crd", "wide n=3"), ("crd", "wide n=all")]

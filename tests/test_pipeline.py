@@ -110,6 +110,9 @@ def test_fit_writes_metrics_maps_and_state(fitted, category):
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["predict_images_per_second"] > 0
     assert len(list((fitted / "maps").glob("*.png"))) == 3
     assert (fitted / "roc.png").is_file() and (fitted / "state").is_dir()
+    state = checkpoint.load(fitted)[1]  # CRD's default lam=auto: the chosen λ and how active it is
+    assert metrics["lam"] == float(state["lam"]) and metrics["lam_ratio"] == float(state["lam_ratio"]) > 0
+    assert metrics["lam_effective"] == float(state["lam_effective"])
 
 
 def test_evaluate_reproduces_the_numbers(fitted, category, capsys):

@@ -288,6 +288,14 @@ def _defect_pixel_shares(rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def _chosen_lambdas(rows: list[dict[str, Any]]) -> list[str]:
+    """One line naming the λ each CRD row ran with (chosen by ``lam=auto`` or given) and its ratio
+    to G's smallest eigenvalue, the number that says whether λ changed the score at all."""
+    chosen = [f"{r['method']}/{r['variant']} {r['dataset']} {r['lam']:.3g} ({r['lam_ratio']:.2g})"
+              for r in rows if "lam" in r and "lam_ratio" in r]
+    return ["λ (λ / smallest eigenvalue of G, median over groups): " + ", ".join(chosen), ""] if chosen else []
+
+
 def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes: str = "",
                      link_root: Path | None = None) -> str:
     """Markdown for one benchmark run: what ran where, the table, per-defect image AUROC and pixel
@@ -302,6 +310,7 @@ def accuracy_section(title: str, command: str, rows: list[dict[str, Any]], notes
     lines += _per_defect_table(rows, "per_defect_pixel", lambda v: v["pixel_ap"],
                                "Pixel AP per defect type (each type's images with all good test images):")
     lines += _defect_pixel_shares(rows)
+    lines += _chosen_lambdas(rows)
     plots = [(r, p) for r in rows for p in r.get("plots", [])]
     if plots and link_root is not None:
         lines += ["Plots: " + " · ".join(
