@@ -8,7 +8,7 @@ PIL releases the GIL while decoding and resizing, so a few threads keep up with 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -51,7 +51,7 @@ class Stream:
     """Batches read on demand whose number is known (``len``) before the first is read, so that a fit
     can preallocate what it fills batch by batch. An iterator: read once."""
 
-    def __init__(self, batches: Iterator[Batch], count: int):
+    def __init__(self, batches: Generator[Batch, None, None], count: int):
         self._batches, self._count = batches, count
 
     def __iter__(self) -> Stream:
@@ -59,6 +59,10 @@ class Stream:
 
     def __next__(self) -> Batch:
         return next(self._batches)
+
+    def close(self) -> None:
+        """Stop reading: the loading threads end (as a generator's ``close``)."""
+        self._batches.close()
 
     def __len__(self) -> int:
         return self._count
@@ -78,7 +82,7 @@ def stream(count: int, load: Callable[[int], Loaded], batch_size: int, workers: 
 
 
 def _read(count: int, load: Callable[[int], Loaded], batch_size: int, workers: int, prefetch: int,
-          batches: int | None) -> Iterator[Batch]:
+          batches: int | None) -> Generator[Batch, None, None]:
     ahead = batch_size * (prefetch + 1)
     pool = ThreadPoolExecutor(max_workers=workers)
     pending: deque[Future] = deque()
