@@ -107,3 +107,16 @@ def test_fixed_batches_compile_once_and_drop_the_padding():
     assert seen == [((4, 3), (4,))] * 3
     assert [len(o["sum"]) for o in out] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate([o["sum"] for o in out]), a.sum(-1) + np.asarray(b))
+
+
+def test_fixed_batches_on_host_fill_one_aligned_array_per_output():
+    """The same ten items joined on the host: one array per output leaf, equal to the batches'
+    concatenation, aligned so that a CPU device shares its memory."""
+    from jaxad.runtime import shared_arrays
+
+    a = np.arange(30, dtype=np.float32).reshape(10, 3)
+    out = compilation.in_fixed_batches_on_host(lambda x: [x * 2, x.sum(-1)], a, 4)
+    np.testing.assert_array_equal(out[0], a * 2)
+    np.testing.assert_array_equal(out[1], a.sum(-1))
+    assert all(isinstance(o, np.ndarray) and o.dtype == np.float32 for o in out)
+    assert all(o.ctypes.data % shared_arrays.ALIGNMENT == 0 for o in out)

@@ -333,6 +333,13 @@ def test_loader_streams(tmp_path, monkeypatch):
     assert 2 <= len(reads) <= 4 < len(ds.train)
 
 
+def test_a_stream_knows_its_batch_count_before_reading(tmp_path):
+    ds = open_dataset(make_mvtec(tmp_path / "cat", n_train=5))
+    assert len(iterate_batches(ds.train, (8, 8), 2)) == 3
+    padded = iterate_batches(ds.train, (8, 8), 2, batches=4)  # one batch of padding only
+    assert len(padded) == 4 == len(list(padded))
+
+
 # --------------------------------------------------------------------------- real data
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 

@@ -11,6 +11,7 @@ from test_pipeline import CONFIGS_DIR, SMALL, run_script
 from jaxad import backbones
 from jaxad.config import apply_overrides, config_path, load_config
 from jaxad.data import iterate_batches, open_dataset, synthetic
+from jaxad.errors import NumericsError
 from jaxad.methods import patchcore
 
 
@@ -65,3 +66,32 @@ def test_unknown_score_mode_is_a_config_error(gear):
 
     with pytest.raises(ConfigError, match="score"):
         patchcore.fit(_config(score="median"), iterate_batches(gear.train, (64, 64), 4), backbones.load("efficientnet_lite0"))
+
+
+def test_bank_is_filled_in_place_without_a_second_copy():
+    # 20 batches of 4 images × 8×8 patches × 152 features, the last one half padding: the bank equals the
+    # batches' valid rows joined, and building it allocates little beyond the bank itself (joining a list of
+    # the batches would hold every row twice)
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.random((4, 8, 8, 152), dtype=np.float32), np.arange(4) < (2 if i == 19 else 4)) for i in range(20)]
+    expected = np.concatenate([f[v].reshape(-1, 152) for f, v in batches])
+
+    def stream():  # each batch made as it is read, as the backbone's features are
+        for f, v in batches:
+            yield f.copy(), v
+
+    tracemalloc.start()
+    bank = patchcore.fill_bank(stream(), len(batches))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    np.testing.assert_array_equal(bank, expected)
+    assert bank.dtype == np.float32 and peak < 1.5 * expected.nbytes
+    if jax.default_backend() == "cpu":  # the device array shares the bank's memory
+        assert jax.device_put(bank, may_alias=True).unsafe_buffer_pointer() == bank.ctypes.data
+
+
+def test_an_empty_stream_is_refused():
+    with pytest.raises(NumericsError, match="training set is empty"):
+        patchcore.fill_bank(iter([]), 0)

@@ -8,7 +8,7 @@ PIL releases the GIL while decoding and resizing, so a few threads keep up with 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -47,8 +47,29 @@ def _assemble(items: list[Loaded], batch_size: int) -> Batch:
     )
 
 
+class Stream:
+    """Batches read on demand whose number is known (``len``) before the first is read, so that a fit
+    can preallocate what it fills batch by batch. An iterator: read once."""
+
+    def __init__(self, batches: Generator[Batch, None, None], count: int):
+        self._batches, self._count = batches, count
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._batches)
+
+    def close(self) -> None:
+        """Stop reading: the loading threads end (as a generator's ``close``)."""
+        self._batches.close()
+
+    def __len__(self) -> int:
+        return self._count
+
+
 def stream(count: int, load: Callable[[int], Loaded], batch_size: int, workers: int = 2, prefetch: int = 2,
-           batches: int | None = None) -> Iterator[Batch]:
+           batches: int | None = None) -> Stream:
     """Batches of ``load(0) ... load(count - 1)``, run in ``workers`` threads, ``prefetch`` batches ahead.
 
     ``batches`` (at least the batches ``count`` makes) adds batches of padding only (the last
@@ -56,6 +77,12 @@ def stream(count: int, load: Callable[[int], Loaded], batch_size: int, workers: 
     many batches as the others although its share of the files may be one image shorter.
     An exception raised by ``load`` reaches the consumer unchanged.
     """
+    return Stream(_read(count, load, batch_size, workers, prefetch, batches),
+                  max(num_batches(count, batch_size), batches or 0))
+
+
+def _read(count: int, load: Callable[[int], Loaded], batch_size: int, workers: int, prefetch: int,
+          batches: int | None) -> Generator[Batch, None, None]:
     ahead = batch_size * (prefetch + 1)
     pool = ThreadPoolExecutor(max_workers=workers)
     pending: deque[Future] = deque()
@@ -81,7 +108,7 @@ def iterate_batches(
     workers: int = 2,
     prefetch: int = 2,
     batches: int | None = None,
-) -> Iterator[Batch]:
+) -> Stream:
     """Stream ``samples`` as :class:`Batch` es; images at ``image_size``, masks (if asked) at
     ``mask_size``; ``batches``: pad with invalid batches to that many (see :func:`stream`)."""
     samples = tuple(samples)

@@ -1,7 +1,8 @@
 """Anomaly-detection methods, found by name: ``jaxad.methods.get('crd')``.
 
 Each public module here is a method. It provides ``fit(config, batches, backbone, mesh=None,
-progress=None) -> state`` and ``predict(config, backbone, state, images) -> (image_scores, maps)``,
+progress=None) -> state`` (``batches``: :class:`~jaxad.data.Batch` es with a length, a list or
+:func:`~jaxad.data.iterate_batches`' stream) and ``predict(config, backbone, state, images) -> (image_scores, maps)``,
 a pure function to be jit-compiled with ``config`` and ``backbone`` bound; a method that reads
 backbone taps besides ``config.taps`` names them all in ``backbone_taps(config)``. A method whose
 fit holds arrays that grow with the data gives ``memory_need(config, backbone, n_images) -> (bytes,

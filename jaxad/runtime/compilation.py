@@ -18,12 +18,15 @@ for every batch of a loop, the tail padded), which save compilations on any back
 from __future__ import annotations
 
 import functools
+import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
+
+from jaxad.runtime import shared_arrays
 
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 YNN_SETTING = "LIBRARY_FUSION_TYPE_REDUCE"  # YNNPACK for reductions; products and convolutions by XLA
@@ -83,14 +86,32 @@ def in_fixed_batches(fn: Callable[[Any], Any], inputs: Any, batch_size: int) -> 
 
     The last batch is padded with copies of its final item and the padding is cut from its
     output, so one compiled program serves every batch: a shorter tail would compile ``fn`` again."""
+    return [result for _, result in _fixed_batches(fn, inputs, batch_size)]
+
+
+def in_fixed_batches_on_host(fn: Callable[[Any], Any], inputs: Any, batch_size: int) -> Any:
+    """:func:`in_fixed_batches` joined: one host array [N, ...] per output leaf, allocated when the
+    first batch's output arrives and filled batch by batch, so that the outputs are held once, never
+    as a list of batches plus their concatenation. The arrays are aligned for a CPU device to share
+    them (:mod:`jaxad.runtime.shared_arrays`)."""
     count = len(jax.tree.leaves(inputs)[0])
-    out = []
+    joined = None
+    for start, result in _fixed_batches(fn, inputs, batch_size):
+        if joined is None:
+            joined = jax.tree.map(lambda r: shared_arrays.empty((count, *r.shape[1:]), r.dtype), result)
+        for out, r in zip(jax.tree.leaves(joined), jax.tree.leaves(result)):
+            out[start:start + len(r)] = np.asarray(r)
+    return joined
+
+
+def _fixed_batches(fn: Callable[[Any], Any], inputs: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
+    """(first row, output) of each batch of :func:`in_fixed_batches`, computed as they are read."""
+    count = len(jax.tree.leaves(inputs)[0])
     for start in range(0, count, batch_size):
         rows = np.minimum(np.arange(start, start + batch_size), count - 1)  # the tail repeats the last item
-        result = fn(jax.tree.map(lambda x, rows=rows: x[rows], inputs))
+        result = fn(jax.tree.map(operator.itemgetter(rows), inputs))
         real = count - start
-        out.append(jax.tree.map(lambda r, real=real: r[:real], result) if real < batch_size else result)
-    return out
+        yield start, (jax.tree.map(operator.itemgetter(slice(real)), result) if real < batch_size else result)
 
 
 def in_small_batches_on_cpu(fn: Callable[[jax.Array], Any], images: jax.Array, size: int) -> Any:

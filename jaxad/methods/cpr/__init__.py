@@ -99,8 +99,7 @@ def extract(config: ml_collections.ConfigDict, backbone: Backbone, images: np.nd
     """The cascade's backbone maps of every image (:func:`jaxad.methods.cpr.train.cascade_maps`), one
     [N, h, w, C] array per tap of ``config.taps``."""
     run = compilation.jit(lambda v, x: list(lrb_training.cascade_maps(config, backbone, v, x).values()))
-    out = compilation.in_fixed_batches(partial(run, backbone.variables), images, config.batch_size)
-    maps = [np.concatenate([np.asarray(o[t]) for o in out]) for t in range(len(config.taps))]
+    maps = compilation.in_fixed_batches_on_host(partial(run, backbone.variables), images, config.batch_size)
     if not all(np.isfinite(m).all() for m in maps):
         raise NumericsError("non-finite features from the backbone on the training images; check them")
     return maps
@@ -151,25 +150,26 @@ def _fit_foreground(config: ml_collections.ConfigDict, first: np.ndarray) -> tup
 
 
 def _bank(config: ml_collections.ConfigDict, raw: list[np.ndarray], params: dict | None, stats: dict | None) -> dict:
-    """Unit-length reference descriptors of every training image, per scale."""
+    """Unit-length reference descriptors of every training image, per scale, filled in place batch by
+    batch (a CPU device shares their memory)."""
     if params is None:
         run = compilation.jit(lambda maps: [windowed.normalise(m) for m in maps])
     else:
         run = compilation.jit(lambda maps: lrb_training.describe(config, params, stats, maps))
-    chunks = compilation.in_fixed_batches(run, raw, config.batch_size)
-    return {f"scale{s}": jnp.concatenate([c[s] for c in chunks]) for s in range(len(raw))}
+    bank = compilation.in_fixed_batches_on_host(run, raw, config.batch_size)
+    return {f"scale{s}": jax.device_put(b, may_alias=True) for s, b in enumerate(bank)}
 
 
 def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images: int) -> tuple[int, str, str]:
     """(bytes, what, keys that lower it): the training images (twice while they are joined, once more
-    on the device to train the local branch), every tap's maps (twice while joined) and the
-    reference bank of every scale."""
+    on the device to train the local branch), every tap's maps and the reference bank of every scale
+    (both filled in place, held once)."""
     h, w = _memory.image_hw(config)
     images = n_images * h * w * 3 * _memory.FLOAT32
     maps = sum(n_images * _memory.cells(config, backbone, t) * backbone.taps[t].channels for t in config.taps)
     bank = sum(n_images * _memory.cells(config, backbone, t) * (config.lrb_width if config.use_lrb else backbone.taps[t].channels)
                for t in _scales(config))
-    need = (3 if config.use_lrb else 2) * images + (2 * maps + bank) * _memory.FLOAT32
+    need = (3 if config.use_lrb else 2) * images + (maps + bank) * _memory.FLOAT32
     need += _memory.forward_bytes(config, backbone, tuple(config.taps))
     return (need, f"CPR's training images, maps and reference bank ({n_images} images) and a batch's backbone pass",
             "--config.image_size, --config.train_images, --config.lrb_width or --config.batch_size")
