@@ -32,14 +32,16 @@ def test_repeated_key_is_refused():
         schedule.parse_grid(["lr=1e-4", "lr=3e-4"])
 
 
-def _candidate(run: str, size: int, steps: int, auroc: float) -> dict:
-    return {"run": run, "image_size": size, "lr": "1e-4", "steps": steps, "val_image_auroc": auroc,
-            "val_pixel_auroc": 0.5, "cost": steps * size**2}
+def _candidate(run: str, size: int, steps: int, image: float, pixel: float = 0.5) -> dict:
+    return {"run": run, "image_size": size, "lr": "1e-4", "steps": steps, "val_image_auroc": image,
+            "val_pixel_auroc": pixel, "val_auroc_sum": image + pixel, "cost": steps * size**2}
 
 
 def test_best_validation_auroc_wins_and_ties_go_to_the_cheaper():
     found = [_candidate("a", 128, 300, 0.90), _candidate("a", 128, 600, 0.95), _candidate("b", 256, 300, 0.97)]
     assert schedule.choose(found)["run"] == "b"
+    localises = [_candidate("a", 128, 300, 0.99, 0.70), _candidate("a", 128, 600, 0.97, 0.78)]
+    assert schedule.choose(localises)["steps"] == 600  # image + pixel AUROC
     tied = [_candidate("a", 128, 600, 0.968), _candidate("b", 256, 300, 0.97), _candidate("a", 128, 300, 0.90)]
     assert schedule.choose(tied)["steps"] == 600 and schedule.choose(tied)["image_size"] == 128
     assert schedule.choose(tied, tie=0.0)["image_size"] == 256
@@ -81,8 +83,9 @@ def test_schedule_is_chosen_without_reading_the_test_split(tmp_path, monkeypatch
     assert not test_files & set(opened), sorted(test_files & set(opened))
     histories = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/train_history.json")}
     assert len(histories) == 2 and all(h["train_steps"] == 4 for h in histories.values())
-    best = max(h["val_image_auroc"] for r in histories.values() for h in r["history"] if "val_image_auroc" in h)
-    assert chosen["val_image_auroc"] >= best - schedule.TIE and chosen["steps"] in (2, 4)
+    best = max(h["val_image_auroc"] + h["val_pixel_auroc"] for r in histories.values() for h in r["history"]
+               if "val_image_auroc" in h)
+    assert chosen["val_auroc_sum"] >= best - schedule.TIE and chosen["steps"] in (2, 4)
     text = out.read_text()
     assert "<!-- begin sched -->" in text and f"train_steps={chosen['steps']}" in text
     assert (tmp_path / "benchmarks" / "sched" / "validation_image_auroc.png").is_file()

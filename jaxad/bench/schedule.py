@@ -3,8 +3,9 @@
 A grid (``image_size=128,256 lr=1e-4,3e-4``) crossed with a number of steps gives one fit per
 point, each with ``validate_every`` set, so its ``train_history.json`` holds validation image and
 pixel AUROC every few steps. Each validated step of each fit is a candidate schedule (image size,
-lr, steps); the one with the best validation image AUROC wins, and candidates within ``tie`` of the
-best count as tied, the cheapest (steps × pixels per image) winning. Only the training split is
+lr, steps); the one with the best validation image + pixel AUROC wins (detection and localisation
+both count, as for CRD's λ), and candidates within ``tie`` of the best count as tied, the cheapest
+(steps × pixels per image) winning. Only the training split is
 read: the test images and masks are never opened.
 
 A prefix of a long fit stands in for a shorter fit only approximately: lr drops ×0.1 at 95 % of
@@ -31,7 +32,7 @@ from jaxad.eval import report
 
 HISTORY = "train_history.json"
 RUN_FILE = "schedule.json"  # the overrides a run was fitted with, so a finished run is reused
-TIE = 0.005  # validation AUROCs closer than this to the best count as equal (cheaper wins)
+TIE = 0.005  # validation image + pixel AUROCs closer than this to the best count as equal (cheaper wins)
 
 
 def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
@@ -102,16 +103,16 @@ def candidates(points: list[dict[str, str]], records: dict[str, dict]) -> list[d
                 continue
             out.append({"run": run_name(point), "image_size": size, "lr": point.get("lr"), "steps": h["step"],
                         "val_image_auroc": h["val_image_auroc"], "val_pixel_auroc": h["val_pixel_auroc"],
-                        "cost": h["step"] * (size or 1) ** 2})
+                        "val_auroc_sum": h["val_image_auroc"] + h["val_pixel_auroc"], "cost": h["step"] * (size or 1) ** 2})
     return out
 
 
 def choose(found: list[dict[str, Any]], tie: float = TIE) -> dict[str, Any]:
-    """The cheapest candidate among those within ``tie`` of the best validation image AUROC."""
+    """The cheapest candidate among those within ``tie`` of the best validation image + pixel AUROC."""
     if not found:
         raise ConfigError("no validated step in any run: set --steps to at least validate_every")
-    best = max(c["val_image_auroc"] for c in found)
-    return min((c for c in found if c["val_image_auroc"] >= best - tie), key=lambda c: (c["cost"], -c["val_image_auroc"]))
+    best = max(c["val_auroc_sum"] for c in found)
+    return min((c for c in found if c["val_auroc_sum"] >= best - tie), key=lambda c: (c["cost"], -c["val_auroc_sum"]))
 
 
 def section(title: str, command: str, points: list[dict[str, str]], records: dict[str, dict],
@@ -124,7 +125,7 @@ def section(title: str, command: str, points: list[dict[str, str]], records: dic
     lines = [f"## {title}", "", *report.provenance(command, harness.machine()), "",
              ("Validation: the method's held-out training images and a copy of each with a synthetic anomaly "
              "(never the test split). Each validated step of a run is a candidate schedule; the best validation "
-             f"image AUROC wins, ties (within {TIE}) going to the fewest steps × pixels. lr drops ×0.1 at 95 % of "
+             f"image + pixel AUROC wins, ties (within {TIE}) going to the fewest steps × pixels. lr drops ×0.1 at 95 % of "
              "a run's steps, so an earlier step of a run approximates a shorter schedule."), "",
              report.markdown_table(runs, ["run", "val_image_auroc", "val_pixel_auroc", "fit_seconds"]), "",
              (f"**Chosen:** image_size={chosen['image_size']}, lr={chosen['lr']}, train_steps={chosen['steps']} "
