@@ -128,6 +128,8 @@ def section(title: str, command: str, points: list[dict[str, str]], records: dic
              f"image + pixel AUROC wins, ties (within {TIE}) going to the fewest steps × pixels. lr drops ×0.1 at 95 % of "
              "a run's steps, so an earlier step of a run approximates a shorter schedule."), "",
              report.markdown_table(runs, ["run", "val_image_auroc", "val_pixel_auroc", "fit_seconds"]), "",
+             "Every candidate (a run's validated step):", "",
+             report.markdown_table(found, ["run", "steps", "val_image_auroc", "val_pixel_auroc", "val_auroc_sum"]), "",
              (f"**Chosen:** image_size={chosen['image_size']}, lr={chosen['lr']}, train_steps={chosen['steps']} "
              f"(validation image AUROC {chosen['val_image_auroc']:.4f}, pixel {chosen['val_pixel_auroc']:.4f}; "
              f"{len(found)} candidates)."), ""]
