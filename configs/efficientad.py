@@ -13,9 +13,16 @@ is recorded in the state (``penalty``) and in ``train_history.json``. Reports on
 say which was used: the reference numbers need the ImageNet penalty.
 
 Schedule: the paper trains 70,000 steps of batch 1 at 256 px (``--config.train_steps=70000
---config.image_size=256``). The default 128 px, 600 steps, lr 1e-4 is a CPU schedule (one step is
-about 0.5 s of 2-core CPU time) that has not yet been tuned on the validation curve: read
-``train.png`` in the workdir (held-out training images with synthetic anomalies) before changing it.
+--config.image_size=256``). The default 128 px, 400 steps, lr 3e-4 is a CPU schedule chosen on the
+validation curve of bottle (held-out training images with synthetic anomalies, never the test set):
+best validation image + pixel AUROC, ties to the cheaper, over 128 px × lr {1e-4, 3e-4} × every
+100th of 600 steps (section ``efficientad-schedule-bottle-cpu`` of BENCHMARKS.md)::
+
+    python scripts/bench.py --method efficientad --data-root ../shared/data/mvtec_bottle \
+        --schedule image_size=128 lr=1e-4,3e-4 --steps 600 --validate-every 100 \
+        --section efficientad-schedule-bottle-cpu
+
+The 400 steps were read off a 600-step run, whose lr drop (×0.1 at 95 %) had not yet come.
 """
 
 import ml_collections
@@ -35,9 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher_batch_size = 4  # teacher="distil" only
     c.teacher_projection = "random"  # teacher="distil" only: 152 → 384 channels, "random" or "pool"
     c.penalty_dir = "none"  # folder of generic images for the penalty loss, or "none"
-    c.train_steps = 600  # optimiser steps (paper: 70,000); lr ×0.1 at 95 %
+    c.train_steps = 400  # optimiser steps (paper: 70,000); lr ×0.1 at 95 %
     c.train_batch_size = 1
-    c.lr = 1e-4
+    c.lr = 3e-4
     c.weight_decay = 1e-5  # coupled L2 (torch Adam weight_decay)
     c.hard_quantile = 0.999
     c.q_a = 0.9  # map normalisation quantiles on the validation split

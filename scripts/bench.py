@@ -9,6 +9,8 @@
     python scripts/bench.py --import-from OTHER/BENCHMARKS.md --section NAME [--out BENCHMARKS.md]
     python scripts/bench.py --summary [--section NAME --replaces OLD ...]
     python scripts/bench.py --method paap --select feature_sigma=0,4,8 [--data-root DIR] [--section NAME]
+    python scripts/bench.py --method efficientad --data-root CATEGORY --schedule KEY=V1,V2 ... --steps N
+        [--validate-every 100] --section NAME
 
 --distances times CRD against exact and 1%-coreset nearest neighbour on synthetic features for
 d in {152, 1536} and growing bank sizes, with a log-log plot beside --out. --coreset times the
@@ -32,6 +34,11 @@ d = 1536 and a TPU v5e-8 (jaxad/bench/scale.py).
 20% and scores those held-out images, clean and with pasted synthetic anomalies, then writes the
 curve and the chosen value (jaxad/bench/select.py); the test split is never read.
 
+--schedule fits one method on one category for every combination of the values (each --steps long,
+validated every --validate-every steps on held-out training images with synthetic anomalies), and
+writes the validation curves and the schedule they choose (jaxad/bench/schedule.py); the test split
+is never read.
+
 --import-from copies section NAME of a BENCHMARKS.md written on another machine (a GPU, a TPU VM),
 with the plots folder benchmarks/NAME beside it, into --out as it is.
 
@@ -50,7 +57,8 @@ import sys
 from pathlib import Path
 
 from jaxad import cli
-from jaxad.bench import backbone_speed, distance_speed, harness, scale, select, summary
+from jaxad.bench import backbone_speed, distance_speed, harness, scale, schedule, select, summary
+from jaxad.config import config_path, load_config
 from jaxad.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +93,10 @@ def main() -> int:
     parser.add_argument("--backbone", action="append", help="with --backbones: only this one (repeatable)")
     parser.add_argument("--per-tap", action="store_true",
                         help="with --backbones: time batch-1 forwards to each tap in turn (time per stage)")
+    parser.add_argument("--schedule", nargs="+", metavar="KEY=V1,V2",
+                        help="choose a schedule on the validation curve over these values (one method, one category)")
+    parser.add_argument("--steps", type=int, default=600, help="with --schedule: train_steps of every fit")
+    parser.add_argument("--validate-every", type=int, default=100, help="with --schedule: steps between validations")
     parser.add_argument("--import-from", type=Path,
                         help="copy --section from this BENCHMARKS.md (written on another machine) into --out")
     parser.add_argument("--summary", action="store_true", help="only regenerate the summary at the top of --out")
@@ -122,6 +134,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> str:
                                  nn_gb=args.scale_nn_gb)
     if args.coreset:
         return distance_speed.write_coreset(args.out, command, args.section, args.coreset_budget)
+    if args.schedule:
+        return choose_schedule(args, command)
     if args.backbones:
         write = backbone_speed.write_stages if args.per_tap else backbone_speed.write_speed
         return write(args.out, command, args.section, args.backbone or (), not args.no_compile, args.note)
@@ -149,6 +163,18 @@ def methods(args: argparse.Namespace, command: str) -> str:
         title = f"{', '.join(names)} on {root.resolve().name}"
         harness.write_methods(args.out, section, title, command, configs, datasets, args.note)
     return section
+
+
+def choose_schedule(args: argparse.Namespace, command: str) -> str:
+    """Fit the --schedule grid on one category and write the validation curves and the choice."""
+    if len(args.method or []) != 1 or not args.data_root or not args.section:
+        raise SystemExit("--schedule needs one --method, --data-root CATEGORY and --section NAME")
+    base = load_config(config_path(args.method[0], ROOT / "configs"))
+    chosen = schedule.write_schedule(args.out, args.section, command, base, Path(args.data_root), args.schedule,
+                                     args.steps, args.validate_every, ROOT / "runs" / "schedule" / args.section,
+                                     args.note)
+    print(f"chosen: {chosen}")
+    return args.section
 
 
 if __name__ == "__main__":
