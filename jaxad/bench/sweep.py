@@ -4,8 +4,8 @@ All candidate λ share the spectrum of G: with z = Vᵀy, ||M_λ y||² = Σ_j (�
 (:func:`jaxad.distances.crd.candidate_scores`). So a sweep streams each category's statistics once,
 takes one eigendecomposition, and scores every test batch for all K candidates in one compiled
 program (features, the projection on V, K small contractions). Categories whose statistics have
-the same shapes (one config: the same d, groups and grid) are vmapped into the same call, batch by
-batch, so one program serves the whole sweep.
+the same shapes (one config: the same d, groups and grid) are vmapped into the same call, one test
+batch of each side by side, so one program serves the whole sweep.
 
 The curve is measured on the test set: it shows how sensitive a distance is to λ, and is never a
 way to choose λ (``lam='auto'`` chooses on synthetic anomalies in held-out training images).
@@ -13,9 +13,10 @@ way to choose λ (``lam='auto'`` chooses on synthetic anomalies in held-out trai
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,7 +28,7 @@ import numpy as np
 from jaxad import pipeline, postprocess
 from jaxad.backbones import Backbone
 from jaxad.bench import harness
-from jaxad.data import Dataset, iterate_batches, open_dataset
+from jaxad.data import Batch, Dataset, iterate_batches, open_dataset
 from jaxad.distances import crd, protocol
 from jaxad.errors import ConfigError
 from jaxad.eval import metrics, report
@@ -84,14 +85,18 @@ def fit(config: ml_collections.ConfigDict, backbone: Backbone, data: Path, candi
 
 
 def candidate_program(config: ml_collections.ConfigDict, backbone: Backbone):
-    """Jitted ``(variables, contexts, w, V, lams, images [C, B, H, W, 3]) -> patch scores [C, K, B, h, w]``:
-    C categories' test batches, every candidate λ, one call."""
+    """Jitted ``(variables, contexts, w, V, lams, ids [C], images [C, B, H, W, 3]) -> patch scores [C, K, B, h, w]``:
+    C test batches, each of the category ``ids`` picks from the stacked spectra, every candidate λ, one call."""
 
-    def one_category(variables, context, w, V, lams, images):
+    def one_batch(variables, context, w, V, lams, images):
         f = crd_method.patch_features(config, backbone, variables, images)
         return crd.candidate_scores(context, w, V, lams, f)
 
-    return compilation.jit(jax.vmap(one_category, in_axes=(None, 0, 0, 0, 0, 0)))
+    def program(variables, contexts, w, V, lams, ids, images):
+        picked = jax.tree.map(lambda x: x[ids], (contexts, w, V, lams))
+        return jax.vmap(one_batch, in_axes=(None, 0, 0, 0, 0, 0))(variables, *picked, images)
+
+    return compilation.jit(program)
 
 
 def _stacked(fits: Sequence[Fitted]) -> tuple:
@@ -103,33 +108,44 @@ def _shape_key(fit: Fitted) -> tuple:
     return (tuple((k, np.shape(v)) for k, v in sorted(fit.context.items())), fit.V.shape, fit.lams.shape)
 
 
+def _interleaved(streams: dict[int, Iterator[Batch]]) -> Iterator[tuple[int, Batch]]:
+    """(category, batch) taking one batch of each category in turn until all are spent."""
+    while streams:
+        for i in list(streams):
+            batch = next(streams[i], None)
+            if batch is None:
+                del streams[i]
+            else:
+                yield i, batch
+
+
 def patch_scores(config: ml_collections.ConfigDict, backbone: Backbone, fits: Sequence[Fitted]
                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(patch scores [K, N, h, w], masks [N, H, W]) of every category's test images, for every candidate.
 
-    Categories of the same shapes are scored together: step t runs batch t of each in one call (a
-    category with fewer test images contributes batches of padding)."""
+    Categories of the same shapes are scored together, C at a time (C: how many there are): each
+    call takes the next C test batches of the categories in turn, so a category with fewer test
+    images leaves no idle slot until the last call."""
     size = pipeline.image_size(config)
     program = candidate_program(config, backbone)
-    out: list[Any] = [None] * len(fits)
     groups: dict[tuple, list[int]] = {}
     for i, f in enumerate(fits):
         groups.setdefault(_shape_key(f), []).append(i)
+    kept: dict[int, tuple[list, list]] = {i: ([], []) for i in range(len(fits))}
     for members in groups.values():
-        steps = max(-(-len(fits[i].dataset.test) // config.batch_size) for i in members)
         spectra = _stacked([fits[i] for i in members])
-        streams = [iterate_batches(fits[i].dataset.test, size, config.batch_size, mask_size=size, batches=steps)
-                   for i in members]
-        kept: list[tuple[list, list]] = [([], []) for _ in members]
-        for batches in zip(*streams):
-            images = jnp.asarray(np.stack([b.images for b in batches]))
-            scores = np.asarray(program(backbone.variables, *spectra, images))
-            for (s, m), b, per_category in zip(kept, batches, scores):
-                s.append(per_category[:, b.valid])
-                m.append(np.asarray(b.masks)[b.valid] > 0.5)
-        for i, (s, m) in zip(members, kept):
-            out[i] = (np.concatenate(s, axis=1), np.concatenate(m))
-    return out
+        work = _interleaved({j: iterate_batches(fits[i].dataset.test, size, config.batch_size, mask_size=size)
+                             for j, i in enumerate(members)})
+        while chunk := list(itertools.islice(work, len(members))):
+            padded = chunk + [chunk[-1]] * (len(members) - len(chunk))  # the last call may have idle slots
+            ids = jnp.asarray([j for j, _ in padded])
+            images = jnp.asarray(np.stack([b.images for _, b in padded]))
+            scores = np.asarray(program(backbone.variables, *spectra, ids, images))
+            for (j, b), per_batch in zip(chunk, scores):
+                scores_of, masks_of = kept[members[j]]
+                scores_of.append(per_batch[:, b.valid])
+                masks_of.append(np.asarray(b.masks)[b.valid] > 0.5)
+    return [(np.concatenate(s, axis=1), np.concatenate(m)) for s, m in kept.values()]
 
 
 def candidate_metrics(config: ml_collections.ConfigDict, scores: np.ndarray, masks: np.ndarray,
