@@ -18,6 +18,7 @@ import pytest
 from jaxad import checkpoint, cli
 from jaxad.data import loader, synthetic
 from jaxad.errors import ConfigError
+from jaxad.methods import crd as crd_method
 from jaxad.runtime import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,23 @@ def test_a_shorter_share_ends_on_batches_of_padding():
     assert [b.valid.sum() for b in batches] == [4, 1, 0]
     assert batches[2].images.shape == (4, 2, 2, 3)
     assert len(list(loader.stream(5, load, batch_size=4))) == 2  # without it, no padding batch
+
+
+def test_shares_hold_out_the_images_one_process_holds_out():
+    """lam=auto's held-out images go by their place in the whole list (Batch.index), so shares of it
+    (as processes read them) hold out what the whole list does."""
+    load = lambda i: (np.full((2, 2, 3), i, np.float32), None, 0, f"img{i}")
+
+    def held(batches) -> list[int]:
+        kept: list[np.ndarray] = []
+        for _ in crd_method._hold_out(batches, 7, kept):
+            pass
+        return [int(k[0, 0, 0]) for k in kept]
+
+    whole = held(loader.stream(17, load, batch_size=4))
+    shares = [held(loader.stream(stop - start, lambda i, start=start: load(start + i), batch_size=4, first=start))
+              for start, stop in ((0, 8), (8, 17))]
+    assert whole == [1, 8, 15] and shares == [[1], [8, 15]]
 
 
 def _args(**kwargs) -> Namespace:

@@ -71,7 +71,7 @@ def counts(count: int) -> np.ndarray:
     """Every process's ``count`` [processes], in process order."""
     if jax.process_count() == 1:
         return np.asarray([count])
-    return np.asarray(multihost_utils.process_allgather(np.asarray(count, np.int64))).reshape(-1)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(count, np.int32))).reshape(-1)
 
 
 def concatenated(rows: np.ndarray, axis: int = 0) -> np.ndarray:
