@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxad import pipeline
-from jaxad.bench import harness, sweep
+from jaxad.bench import harness, summary, sweep
 from jaxad.config import apply_overrides, load_config
 from jaxad.data import iterate_batches, synthetic
 from jaxad.distances import crd, protocol
@@ -72,7 +72,10 @@ def test_the_section_has_a_table_a_plot_per_dataset_and_says_it_reads_the_test_s
     sweep.write_sweep(out, "python scripts/bench.py --sweep lam=1,0.1", "sweep-test", "lam=1,0.1",
                       {("crd", "default"): _config()}, datasets, note="A note.")
     text = out.read_text()
-    assert sweep.NOTE in text and "A note." in text and text.count("| gear | default |") == 2
+    assert sweep.NOTE in text and "A note." in text and text.count("| gear | default | ") == 2
+    assert "| gear | default | 0.1 |" in text  # λ as written, not rounded to a fixed number of decimals
+    # the summary of BENCHMARKS.md lists default-config rows; a curve on the test set must not stand there
+    assert "sweep-test" not in summary.summary(out.read_text(), tmp_path / "benchmarks", ROOT / "configs").split("### Sections")[0]
     for data in datasets:
         assert (tmp_path / "benchmarks" / "sweep-test" / f"default-{data.name}_lam.png").stat().st_size > 1000
 
