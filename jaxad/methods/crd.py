@@ -5,7 +5,9 @@ one batched contraction. Any protocol distance runs here (``config.distance``, d
 one synthetic anomaly (:func:`jaxad.data.anomalies.paste`) into each, and picks among
 ``lam_candidates`` the λ whose scores best separate them from the clean held-out images (mean of
 image AUROC and patch AUROC), all candidates from one eigendecomposition in one compiled call.
-The held-out images are then added to the statistics. No test image is read.
+The held-out images are then added to the statistics. No test image is read. Over several processes
+the held-out images are those a one-process fit holds out (chosen by their place in the whole list),
+each process scores its own, and the scores of all of them choose λ: every process picks the same λ.
 
 State: the distance's params (CRD: ``M`` [P, d, d] and the cell → group map ``group``), plus for the
 CRD distances ``lam`` (the chosen value in ``lam_mode``), ``lam_effective`` (median over groups),
