@@ -204,7 +204,7 @@ def write_sweep(out: Path, command: str, section: str, spec: str,
             series = {name: ([r["lam"] for r in mine], [r[key] for r in mine])
                       for name, key in (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro"))}
             plots.append(report.save_line_plot(folder / f"{variant}-{data.name}_lam.png", series,
-                                               f"λ ({config.lam_mode})", "test metric", f"{variant}: {data.name}", logx=True))
+                                               f"lambda ({config.lam_mode})", "test metric", f"{variant}: {data.name}", logx=True))
     lines = [f"## λ sweep: crd on {', '.join(d.name for d in datasets)}", "",
              *report.provenance(command, harness.machine()), "",
              report.markdown_table(sorted(rows, key=lambda r: (r["dataset"], r["config"], r["lam"])), COLUMNS,
