@@ -110,7 +110,8 @@ def fit(config: ml_collections.ConfigDict, dataset: Dataset, backbone: backbones
     if hasattr(method, "memory_need"):  # refuse a fit too large for this process before any image is read
         require_memory(*method.memory_need(config, backbone, len(train)))
     batches = iterate_batches(train, image_size(config), config.batch_size,
-                              batches=distributed.batches_per_process(len(dataset.train), config.batch_size))
+                              batches=distributed.batches_per_process(len(dataset.train), config.batch_size),
+                              first=distributed.share_start(len(dataset.train)))
     start = time.perf_counter()
     with _progress(f"fit {dataset.name}", len(train)) as bar:
         state = method.fit(config, batches, backbone, progress=bar.update)
@@ -307,9 +308,6 @@ def run(config: ml_collections.ConfigDict, data: Path, workdir: Path) -> list[di
     if jax.process_count() > 1 and config.method not in MULTI_HOST_METHODS:
         raise ConfigError(f"--method {config.method} fits in one process only; over several processes: "
                           f"{', '.join(MULTI_HOST_METHODS)}")
-    if jax.process_count() > 1 and str(config.get("lam")) == "auto":
-        raise ConfigError("--config.lam=auto chooses λ on images each process holds out of its own share; over "
-                          "several processes give a number (e.g. the lam a one-process fit chose, in its state)")
     categories = find_categories(data)
     backbone = load_backbone(config)
     if len(categories) == 1:

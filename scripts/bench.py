@@ -4,7 +4,9 @@
         [--variant [METHOD/]NAME:KEY=VALUE,KEY=VALUE ...] [--no-default] [--out BENCHMARKS.md] [--section NAME]
     python scripts/bench.py --distances [--max-n 10000000] [--section NAME]
     python scripts/bench.py --coreset [--coreset-budget 300] [--section NAME]
-    python scripts/bench.py --scale [--scale-max-n 1e9] [--scale-budget 1500] [--scale-nn-gb 4] [--section NAME]
+    python scripts/bench.py --sweep lam=1e-4,1e-3,... [--method crd] [--variant ...] [--data-root ...] [--section NAME]
+    python scripts/bench.py --scale [--scale-distances crd,nn] [--scale-max-n 1e9] [--scale-budget 1500] [--scale-nn-gb 4]
+        [--section NAME]
     python scripts/bench.py --backbones [--per-tap] [--backbone NAME ...] [--no-compile] [--section NAME]
     python scripts/bench.py --import-from OTHER/BENCHMARKS.md --section NAME [--out BENCHMARKS.md]
     python scripts/bench.py --summary [--section NAME --replaces OLD ...]
@@ -28,7 +30,12 @@ present, else the synthetic set (also chosen by --data-root synthetic).
 --scale streams generated features (no dataset) through global CRD's Gram up to --scale-max-n
 patches at d = 152, and through exact and 1%-coreset nearest neighbour as far as their bank fits
 --scale-nn-gb: fit throughput, peak host and device memory, score time, plots, and projections to
-d = 1536 and a TPU v5e-8 (jaxad/bench/scale.py).
+d = 1536 and a TPU v5e-8 (jaxad/bench/scale.py). --scale-distances picks what runs: any of crd, crd-blocks,
+crd-location, kernel_crd, mahalanobis (the protocol distances) and nn; each goes as far as --scale-budget allows.
+
+--sweep scores every candidate λ of CRD (or kernel CRD) from one eigendecomposition per dataset, in one
+compiled call for all candidates and datasets (jaxad/bench/sweep.py): image AUROC, pixel AUROC and AUPRO
+against λ, a table and a plot per dataset. It reads the test set: a research curve, never a default.
 
 --select KEY=V1,V2,... fits each method once per value on the training images less a held-out
 20% and scores those held-out images, clean and with pasted synthetic anomalies, then writes the
@@ -57,7 +64,7 @@ import sys
 from pathlib import Path
 
 from jaxad import cli
-from jaxad.bench import backbone_speed, distance_speed, harness, scale, schedule, select, summary
+from jaxad.bench import backbone_speed, distance_speed, harness, scale, schedule, select, summary, sweep
 from jaxad.config import config_path, load_config
 from jaxad.data import synthetic
 
@@ -78,6 +85,7 @@ def main() -> int:
                         "image AUROC against the number of normal training images, plotted per dataset")
     parser.add_argument("--select", metavar="KEY=V1,V2,...",
                         help="choose KEY among the values on held-out training images with synthetic anomalies")
+    parser.add_argument("--sweep", metavar="lam=V,V,...", help="accuracy against λ for CRD, all candidates in one program")
     parser.add_argument("--distances", action="store_true", help="run the distance micro-benchmark instead")
     parser.add_argument("--max-n", type=float, default=1e7, help="largest bank for d=152 (d=1536 stops 10x lower)")
     parser.add_argument("--flop-budget", type=float, default=2e11, help="NN FLOPs timed per measurement (raise on accelerators)")
@@ -87,6 +95,8 @@ def main() -> int:
     parser.add_argument("--scale-max-n", type=float, default=1e9, help="with --scale: largest number of patches")
     parser.add_argument("--scale-budget", type=float, default=1500.0,
                         help="with --scale: seconds a streaming fit may take; a longer one is extrapolated")
+    parser.add_argument("--scale-distances", default=",".join(scale.DEFAULT_NAMES),
+                        help="with --scale: comma-separated distances (keys of jaxad.bench.scale.DISTANCES, and nn)")
     parser.add_argument("--scale-nn-gb", type=float, default=4.0, help="with --scale: largest nearest-neighbour bank (GiB)")
     parser.add_argument("--backbones", action="store_true", help="time feature extraction per backbone instead")
     parser.add_argument("--no-compile", action="store_true", help="with --backbones: skip torch.compile")
@@ -131,7 +141,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> str:
         return distance_speed.write_distances(args.out, command, args.section, args.max_n, args.flop_budget)
     if args.scale:
         return scale.write_scale(args.out, command, args.section, args.scale_max_n, budget_s=args.scale_budget,
-                                 nn_gb=args.scale_nn_gb)
+                                 nn_gb=args.scale_nn_gb, names=[n.strip() for n in args.scale_distances.split(",")], note=args.note)
     if args.coreset:
         return distance_speed.write_coreset(args.out, command, args.section, args.coreset_budget)
     if args.schedule:
@@ -139,16 +149,25 @@ def run_benchmark(args: argparse.Namespace, command: str) -> str:
     if args.backbones:
         write = backbone_speed.write_stages if args.per_tap else backbone_speed.write_speed
         return write(args.out, command, args.section, args.backbone or (), not args.no_compile, args.note)
+    if args.sweep:
+        root = data_root(args)
+        configs = harness.variants(args.method or ["crd"], args.variant, ROOT / "configs", with_default=not args.no_default)
+        return sweep.write_sweep(args.out, command, args.section or f"sweep-lam-{root.resolve().name}", args.sweep,
+                                 configs, harness.datasets_under(root), args.note)
     return methods(args, command)
+
+
+def data_root(args: argparse.Namespace) -> Path:
+    """--data-root, else ../shared/data when present, else the synthetic set."""
+    shared = ROOT.parent / "shared" / "data"
+    if args.data_root == "synthetic" or (args.data_root is None and not shared.is_dir()):
+        return synthetic.ensure()
+    return Path(args.data_root) if args.data_root else shared
 
 
 def methods(args: argparse.Namespace, command: str) -> str:
     """Accuracy and speed (or, with --few-shot, accuracy against training-set size) of each method."""
-    shared = ROOT.parent / "shared" / "data"
-    if args.data_root == "synthetic" or (args.data_root is None and not shared.is_dir()):
-        root = synthetic.ensure()
-    else:
-        root = Path(args.data_root) if args.data_root else shared
+    root = data_root(args)
     datasets = harness.datasets_under(root)
     names = args.method or ["crd"]
     configs = harness.variants(names, args.variant, ROOT / "configs", with_default=not args.no_default)

@@ -16,6 +16,7 @@ import pytest
 
 from jaxad.bench import scale
 from jaxad.distances import crd
+from jaxad.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,19 @@ def test_the_section_has_every_row_and_plot(tmp_path):
     assert "| exact NN | 100096 | not run: bank" in text  # its bank exceeds nn_gb
     for key in ("patches_per_s", "peak_rss_bytes", "score_s"):
         assert (tmp_path / "benchmarks" / f"{name}_{key}.png").stat().st_size > 0
+
+
+def test_every_protocol_distance_streams_and_says_where_it_stops():
+    """Each protocol distance runs through the same measurement (its own init, update, finalize and
+    score); a budget it overruns at once stops it at the first size, and the section says so."""
+    names = [k for k in scale.DISTANCES if k != "crd"]
+    rows = scale.measure(max_n=1e5, d=8, budget_s=1e-6, distances=scale.chosen(names), nn=False, log=lambda line: None)
+    assert [(r["distance"], r["how"]) for r in rows] == [(k, h) for k in names for h in ("measured", "extrapolated")]
+    assert all(r["score_s"] > 0 and r["gflops"] > 0 for r in rows if r["how"] == "measured")
+    lines = scale.stops(rows, 1e-6)
+    assert len(lines) == len(names) and all("measured to n = 1.02e+04" in line and "budget" in line for line in lines)
+
+
+def test_unknown_scale_distances_are_refused_by_name():
+    with pytest.raises(ConfigError, match="--scale-distances: unknown gauss"):
+        scale.chosen(["crd", "gauss"])

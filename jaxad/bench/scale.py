@@ -34,7 +34,8 @@ import ml_collections
 import numpy as np
 
 from jaxad.bench import distance_speed, harness, timing
-from jaxad.distances import crd, knn
+from jaxad.distances import crd, knn, protocol
+from jaxad.errors import ConfigError
 from jaxad.eval import report
 from jaxad.runtime import compilation
 from jaxad.runtime.memory import peak_rss, reset_peak_rss
@@ -77,7 +78,51 @@ GLOBAL_CRD = StreamingDistance(
     init=_crd_init, update=_crd_update, finalize=_crd_finalize,
     score=lambda params, features: crd.score(params["M"], features), flops_per_patch=lambda d: 2.0 * d * d,
 )
-DISTANCES = {"crd": GLOBAL_CRD}
+# the options a protocol distance reads beyond λ; blocks: 4×4 tiles of the 16×16 grid
+PROTOCOL_SETTINGS = {"position": "global", "position_blocks": 4, "rff_dim": 1024, "rff_scale": 1.0, "seed": 0, "reg": 0.01}
+
+
+def protocol_distance(name: str, flops_per_patch: Callable[[int], float], **settings: Any) -> StreamingDistance:
+    """Distance ``name`` of :mod:`jaxad.distances` (its own init, update, finalize and score) with
+    :data:`PROTOCOL_SETTINGS` and ``settings`` fixed, under the four calls :func:`measure` makes."""
+    distance = protocol.get(name)
+
+    def configured(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict({**PROTOCOL_SETTINGS, **config.to_dict(), **settings})
+
+    return StreamingDistance(init=lambda config, sample: distance.init(configured(config), sample),
+                             update=distance.update,
+                             finalize=lambda stats, config: distance.finalize(stats, configured(config)),
+                             score=distance.score, flops_per_patch=flops_per_patch)
+
+
+def _gram_flops(d: int) -> float:
+    return 2.0 * d * d
+
+
+def _kernel_flops(d: int) -> float:
+    rff = PROTOCOL_SETTINGS["rff_dim"]
+    return 2.0 * d * rff + 2.0 * rff * rff  # the random projection, then the Gram of the features
+
+
+DISTANCES = {
+    "crd": GLOBAL_CRD,
+    "crd-blocks": protocol_distance("crd", _gram_flops, position="blocks"),  # 16 Grams
+    "crd-location": protocol_distance("crd", _gram_flops, position="location"),  # 256 Grams
+    "kernel_crd": protocol_distance("kernel_crd", _kernel_flops),  # one 1024² Gram of random Fourier features
+    "mahalanobis": protocol_distance("mahalanobis", _gram_flops),  # one Gaussian
+}
+NEAREST_NEIGHBOUR = "nn"  # the name that asks for exact and 1%-coreset NN
+DEFAULT_NAMES = ("crd", NEAREST_NEIGHBOUR)
+
+
+def chosen(names: Sequence[str]) -> dict[str, Any]:
+    """The streaming distances named (``nn`` aside), refusing an unknown name."""
+    unknown = sorted(set(names) - {*DISTANCES, NEAREST_NEIGHBOUR})
+    if unknown:
+        raise ConfigError(f"--scale-distances: unknown {', '.join(unknown)}; "
+                          f"available: {', '.join([*DISTANCES, NEAREST_NEIGHBOUR])}")
+    return {name: DISTANCES[name] for name in names if name != NEAREST_NEIGHBOUR}
 
 
 def feature_stream(n: int, d: int, seed: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
@@ -186,13 +231,14 @@ def sizes_up_to(max_n: float) -> list[int]:
 
 def measure(max_n: float = 1e9, d: int = 152, budget_s: float = 1500.0, nn_gb: float = 4.0,
             coreset_budget_s: float = 120.0, flop_budget: float = 2e11,
-            distances: Mapping[str, Any] = DISTANCES,
+            distances: Mapping[str, Any] | None = None, nn: bool = True,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """One row per (distance, n). A streaming fit whose time, predicted from the previous size,
-    exceeds ``budget_s`` is not run: its row is extrapolated linearly and says so. Exact and
-    1%-coreset NN stop at the first n whose bank exceeds ``nn_gb`` GB; the coreset's greedy
+    exceeds ``budget_s`` is not run: its row is extrapolated linearly and says so. With ``nn``, exact
+    and 1%-coreset NN stop at the first n whose bank exceeds ``nn_gb`` GB; the coreset's greedy
     selection is timed to ``coreset_budget_s`` and extrapolated beyond (as in ``--coreset``)."""
     config = ml_collections.ConfigDict({"lam": 5.0, "lam_mode": "absolute"})
+    distances = {"crd": GLOBAL_CRD} if distances is None else distances
     rows: list[dict[str, Any]] = []
     for name, distance in distances.items():
         rate = None
@@ -208,7 +254,7 @@ def measure(max_n: float = 1e9, d: int = 152, budget_s: float = 1500.0, nn_gb: f
                          "score_s": score_seconds(distance.score, params, d)})
             log(f"{name} n={n}: {row['fit_s']:.1f} s, {rate:.3g} patches/s, "
                 f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB")
-    for n in sizes_up_to(max_n):
+    for n in sizes_up_to(max_n) if nn else []:
         if streamed_patches(n) * d * 4 > nn_gb * 2**30:
             why = f"not run: bank {streamed_patches(n) * d * 4 / 2**30:.3g} GiB > {nn_gb:g} GiB"
             rows += [{"distance": k, "n": streamed_patches(n), "how": why} for k in ("exact NN", "1%-coreset NN")]
@@ -257,37 +303,86 @@ def projections(rows: Sequence[dict[str, Any]], d_from: int, d_to: int = 1536, n
     ]
 
 
+def stops(rows: Sequence[dict[str, Any]], budget_s: float) -> list[str]:
+    """One line per streaming distance: the largest n measured, and why it went no further."""
+    lines = []
+    for name in dict.fromkeys(r["distance"] for r in rows if "NN" not in r["distance"]):
+        mine = [r for r in rows if r["distance"] == name]
+        measured = [r for r in mine if r["how"] == "measured"]
+        beyond = [r for r in mine if r["how"] == "extrapolated"]
+        top = max(measured, key=lambda r: r["n"])
+        line = f"- {name}: measured to n = {top['n']:.3g} ({top['fit_s']:.3g} s at {top['patches_per_s']:.3g} patches/s)"
+        if beyond:
+            first = min(beyond, key=lambda r: r["n"])
+            line += (f"; stops there because n = {first['n']:.3g} was predicted to take {first['fit_s']:.3g} s, "
+                     f"more than the {budget_s:.0f} s budget of one fit (its rows are extrapolated)")
+        else:
+            line += "; the largest n asked for"
+        lines.append(line + ".")
+    return lines
+
+
 def section(rows: Sequence[dict[str, Any]], d: int, command: str, plots: Sequence[str], budget_s: float,
-            nn_gb: float) -> str:
+            nn_gb: float, note: str = "") -> str:
     """Markdown of the scale benchmark."""
     table = [{**r, "peak_rss_mib": r.get("peak_rss_bytes", float("nan")) / 2**20,
               "device_mib": r.get("device_bytes", float("nan")) / 2**20,
               "score_ms": 1e3 * r["score_s"] if "score_s" in r else float("nan")} for r in rows]
+    nn = any("NN" in r["distance"] for r in rows)
+    streaming = [k for k in dict.fromkeys(r["distance"] for r in rows) if "NN" not in k]
+    title = "Streaming at scale" + ("" if streaming == ["crd"] else f" ({', '.join(streaming)})")
     lines = [
-        f"## Streaming at scale: fit throughput, memory and score time against n (d = {d})", "",
+        f"## {title}: fit throughput, memory and score time against n (d = {d})", "",
         *report.provenance(command, harness.machine()), "",
         (f"Features streamed from a generator ({BATCH_IMAGES} maps of {GRID[0]}×{GRID[1]} patches per batch, "
          f"cycled from {POOL} batches drawn once on the device): timed is the distance's update alone. "
          "peak_rss: the process's resident-set high-water mark during the fit (reset before it); device: bytes of "
-         "live JAX arrays after the fit (the CPU backend reports no peak). score_ms: 10⁴ query patches "
-         "(NN timed on queries_timed and scaled). 'extrapolated' rows were not run: their time is n over the "
-         f"rate of the largest measured n, because it was predicted to exceed {budget_s:.0f} s. Nearest neighbour "
-         f"stops where its bank would exceed {nn_gb:g} GiB; its fit is the copy into the bank (1% coreset: plus "
-         "the greedy selection, measured or extrapolated as in --coreset)."), "",
+         "live JAX arrays after the fit (the CPU backend reports no peak). score_ms: 10⁴ query patches"
+         + (" (NN timed on queries_timed and scaled)" if nn else "") + ". 'extrapolated' rows were not run: their "
+         "time is n over the rate of the largest measured n, because it was predicted to exceed "
+         f"{budget_s:.0f} s." + (f" Nearest neighbour stops where its bank would exceed {nn_gb:g} GiB; its fit is the "
+                                 "copy into the bank (1% coreset: plus the greedy selection, measured or extrapolated "
+                                 "as in --coreset)." if nn else "")), "",
+        *([] if streaming == ["crd"] else [
+            "Distances: " + "; ".join(_describe(k) for k in streaming) + ". gflops counts "
+            + "; ".join(f"{k}: {_flops_text(k)}" for k in streaming) + " per patch.", ""]),
         report.markdown_table(table, ["distance", "n", "how", "fit_s", "patches_per_s", "gflops", "peak_rss_mib",
-                                      "device_mib", "score_ms", "queries_timed"], floatfmt=".4g"), "",
+                                      "device_mib", "score_ms", *(["queries_timed"] if nn else [])], floatfmt=".4g"), "",
+        *stops(rows, budget_s), "",
         *projections(rows, d), "",
         *[f"![{Path(p).stem}]({p})" for p in plots], "",
+        *([note, ""] if note else []),
     ]
     return "\n".join(lines)
 
 
+DESCRIPTIONS = {
+    "crd": "global CRD (one Gram)",
+    "crd-blocks": f"CRD with one Gram per tile of {PROTOCOL_SETTINGS['position_blocks']}×"
+                  f"{PROTOCOL_SETTINGS['position_blocks']} tiles of the grid",
+    "crd-location": f"CRD with one Gram per grid cell ({GRID[0] * GRID[1]})",
+    "kernel_crd": f"kernel CRD on {PROTOCOL_SETTINGS['rff_dim']} random Fourier features (one Gram of that size)",
+    "mahalanobis": "one Gaussian (moments about a shift, whitening at finalize)",
+}
+
+
+def _describe(name: str) -> str:
+    return f"{name} = {DESCRIPTIONS.get(name, 'as given')}"
+
+
+def _flops_text(name: str) -> str:
+    return "2·d·D + 2·D² (D random features)" if name == "kernel_crd" else "2·d²"
+
+
 def write_scale(out: Path, command: str, section_name: str | None = None, max_n: float = 1e9, d: int = 152,
-                budget_s: float = 1500.0, nn_gb: float = 4.0, coreset_budget_s: float = 120.0) -> str:
-    """Measure (see :func:`measure`), plot and write the section (default ``scale``) of ``out``."""
+                budget_s: float = 1500.0, nn_gb: float = 4.0, coreset_budget_s: float = 120.0,
+                names: Sequence[str] = DEFAULT_NAMES, note: str = "") -> str:
+    """Measure ``names`` (keys of :data:`DISTANCES`, and ``nn``; see :func:`measure`), plot and write
+    the section (default ``scale``) of ``out``."""
     out = Path(out)
     name = section_name or "scale"
-    rows = measure(max_n, d, budget_s, nn_gb, coreset_budget_s)
+    rows = measure(max_n, d, budget_s, nn_gb, coreset_budget_s, distances=chosen(names),
+                   nn=NEAREST_NEIGHBOUR in names)
     folder = out.parent / "benchmarks"
     folder.mkdir(parents=True, exist_ok=True)
     kinds = sorted({r["distance"] for r in rows}, key=[r["distance"] for r in rows].index)
@@ -305,5 +400,5 @@ def write_scale(out: Path, command: str, section_name: str | None = None, max_n:
         found = {k: v for k, v in series(key, scale).items() if v[0]}
         report.save_line_plot(path, found, "training patches n", label, f"{label}, d={d}", logx=True, logy=True)
         plots.append(os.path.relpath(path, out.parent))
-    harness.write_section(out, name, section(rows, d, command, plots, budget_s, nn_gb))
+    harness.write_section(out, name, section(rows, d, command, plots, budget_s, nn_gb, note))
     return name

@@ -166,9 +166,10 @@ def synthesize(key: jax.Array, image: jax.Array, allowed: jax.Array, textures: j
     return (1 - m) * image + m * (beta * source + (1 - beta) * image), mask
 
 
-def paste(key: jax.Array, images: jax.Array, textures: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One synthetic anomaly in each of ``images`` [B, H, W, 3] (anywhere in the image) →
-    (images, masks [B, H, W]); for choosing settings on held-out normal images without test data."""
+def paste(keys: jax.Array, images: jax.Array, textures: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One synthetic anomaly in each of ``images`` [B, H, W, 3] (anywhere in the image), drawn with
+    its own key of ``keys`` [B] → (images, masks [B, H, W]); for choosing settings on held-out normal
+    images without test data. An image pasted with the same key gets the same anomaly in any batch."""
     allowed = jnp.ones(images.shape[1:3], bool)
     synth = jax.vmap(lambda k, im: synthesize(k, im, allowed, textures, p_anomaly=1.0))
-    return compilation.jit(synth)(jax.random.split(key, images.shape[0]), images)
+    return compilation.jit(synth)(keys, images)

@@ -24,6 +24,7 @@ class Batch(NamedTuple):
     labels: np.ndarray  # [B] int32: 0 normal, 1 anomalous, -1 unknown
     valid: np.ndarray  # [B] bool: false for the padding of the last batch
     paths: tuple[str, ...]  # [B], padding repeats the last path
+    index: np.ndarray | None = None  # [B] int: each image's place in the whole list (padding repeats the last)
 
 
 Loaded = tuple[np.ndarray, np.ndarray | None, int, str]  # image, mask, label, path
@@ -34,7 +35,8 @@ def num_batches(num_samples: int, batch_size: int) -> int:
     return -(-num_samples // batch_size)
 
 
-def _assemble(items: list[Loaded], batch_size: int) -> Batch:
+def _assemble(items: list[Loaded], batch_size: int, first: int) -> Batch:
+    """Items ``first, first + 1, ...`` of the whole list as one padded batch."""
     pad = batch_size - len(items)
     items = items + [items[-1]] * pad
     images, masks, labels, paths = zip(*items)
@@ -44,6 +46,7 @@ def _assemble(items: list[Loaded], batch_size: int) -> Batch:
         labels=np.asarray(labels, dtype=np.int32),
         valid=np.arange(batch_size) < batch_size - pad,
         paths=tuple(paths),
+        index=first + np.minimum(np.arange(batch_size), batch_size - pad - 1),
     )
 
 
@@ -69,20 +72,21 @@ class Stream:
 
 
 def stream(count: int, load: Callable[[int], Loaded], batch_size: int, workers: int = 2, prefetch: int = 2,
-           batches: int | None = None) -> Stream:
+           batches: int | None = None, first: int = 0) -> Stream:
     """Batches of ``load(0) ... load(count - 1)``, run in ``workers`` threads, ``prefetch`` batches ahead.
+    ``first``: where item 0 stands in the whole list (a process's share of it starts there), for ``Batch.index``.
 
     ``batches`` (at least the batches ``count`` makes) adds batches of padding only (the last
     batch with ``valid`` all false), so that every process of a multi-host fit steps through as
     many batches as the others although its share of the files may be one image shorter.
     An exception raised by ``load`` reaches the consumer unchanged.
     """
-    return Stream(_read(count, load, batch_size, workers, prefetch, batches),
+    return Stream(_read(count, load, batch_size, workers, prefetch, batches, first),
                   max(num_batches(count, batch_size), batches or 0))
 
 
 def _read(count: int, load: Callable[[int], Loaded], batch_size: int, workers: int, prefetch: int,
-          batches: int | None) -> Generator[Batch, None, None]:
+          batches: int | None, first: int) -> Generator[Batch, None, None]:
     ahead = batch_size * (prefetch + 1)
     pool = ThreadPoolExecutor(max_workers=workers)
     pending: deque[Future] = deque()
@@ -92,7 +96,8 @@ def _read(count: int, load: Callable[[int], Loaded], batch_size: int, workers: i
             while submitted < min(count, start + ahead):
                 pending.append(pool.submit(load, submitted))
                 submitted += 1
-            last = _assemble([pending.popleft().result() for _ in range(min(batch_size, count - start))], batch_size)
+            items = [pending.popleft().result() for _ in range(min(batch_size, count - start))]
+            last = _assemble(items, batch_size, first + start)
             yield last
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -108,9 +113,11 @@ def iterate_batches(
     workers: int = 2,
     prefetch: int = 2,
     batches: int | None = None,
+    first: int = 0,
 ) -> Stream:
     """Stream ``samples`` as :class:`Batch` es; images at ``image_size``, masks (if asked) at
-    ``mask_size``; ``batches``: pad with invalid batches to that many (see :func:`stream`)."""
+    ``mask_size``; ``batches``: pad with invalid batches to that many, ``first``: the place of
+    ``samples[0]`` in the whole list (see :func:`stream`)."""
     samples = tuple(samples)
 
     def load(i: int) -> Loaded:
@@ -118,4 +125,4 @@ def iterate_batches(
         image, mask = load_sample(s.path, s.mask_paths, image_size, mask_size)
         return image, mask, s.label, str(s.path)
 
-    return stream(len(samples), load, batch_size, workers, prefetch, batches)
+    return stream(len(samples), load, batch_size, workers, prefetch, batches, first)

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from jaxad.errors import ConfigError, NumericsError
-from jaxad.runtime import compilation, parallel
+from jaxad.runtime import compilation, distributed, parallel
 
 POSITIONS: tuple[str, ...] = ("global", "blocks", "location")
 MAX_STATS_BYTES = 2 * 1024**3  # float32 sums larger than this are refused before any work
@@ -165,11 +165,15 @@ def stream(
     batches: Iterable,
     mesh: jax.sharding.Mesh,
     progress: Callable[[int], None] | None = None,
+    context: dict | None = None,
 ) -> Stats:
     """One pass over ``batches`` (objects with ``images``, ``valid``, ``paths``): per-device shard
     statistics of ``extract(variables, images)``, one psum, summed over batches in float64 on the host.
 
-    The first batch's features seed :func:`Distance.init` (shapes, shifts, random maps).
+    ``context`` (e.g. of an earlier pass) fixes the statistics' context; without it the first
+    batch's features seed :func:`Distance.init` (shapes, shifts, random maps). Over several
+    processes the context is process 0's (its first batch is a one-process fit's first batch),
+    so every device adds to the same statistics.
     """
     extract_jit = compilation.jit(extract)
 
@@ -185,13 +189,15 @@ def stream(
     for batch in batches:
         valid = np.asarray(batch.valid)
         if stats is None:
-            sample = np.asarray(extract_jit(variables, batch.images))[valid]
-            stats = distance.init(config, jnp.asarray(sample))
+            f = np.asarray(extract_jit(variables, batch.images))
+            # a process other than 0 may start on held-out images only: its own context is replaced
+            stats = distance.init(config, jnp.asarray(f[valid] if valid.any() else f))
+            stats = Stats(distributed.from_main(stats.context) if context is None else context, stats.sums)
             stats_shape = stats
             step = compilation.jit(parallel.summed_over_batch(shard_sums, mesh))
-            context = parallel.replicate(stats.context, mesh)
+            replicated_context = parallel.replicate(stats.context, mesh)
             total = jax.tree.map(lambda s: np.zeros(s.shape, np.float64), stats.sums)
-        inc = step((replicated_vars, context), parallel.shard_batch((batch.images, batch.valid), mesh))
+        inc = step((replicated_vars, replicated_context), parallel.shard_batch((batch.images, batch.valid), mesh))
         inc = jax.tree.map(lambda a: np.asarray(a, np.float64), inc)
         if not all(np.isfinite(a).all() for a in jax.tree.leaves(inc)):
             bad = ", ".join(str(p) for p, v in zip(batch.paths, valid) if v)

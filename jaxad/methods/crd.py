@@ -5,7 +5,9 @@ one batched contraction. Any protocol distance runs here (``config.distance``, d
 one synthetic anomaly (:func:`jaxad.data.anomalies.paste`) into each, and picks among
 ``lam_candidates`` the λ whose scores best separate them from the clean held-out images (mean of
 image AUROC and patch AUROC), all candidates from one eigendecomposition in one compiled call.
-The held-out images are then added to the statistics. No test image is read.
+The held-out images are then added to the statistics. No test image is read. Over several processes
+the held-out images are those a one-process fit holds out (chosen by their place in the whole list),
+each process scores its own, and the scores of all of them choose λ: every process picks the same λ.
 
 State: the distance's params (CRD: ``M`` [P, d, d] and the cell → group map ``group``), plus for the
 CRD distances ``lam`` (the chosen value in ``lam_mode``), ``lam_effective`` (median over groups),
@@ -32,7 +34,7 @@ from jaxad.config import require_at_least, require_between
 from jaxad.data import Batch, anomalies
 from jaxad.distances import crd, protocol
 from jaxad.errors import ConfigError
-from jaxad.runtime import compilation, parallel
+from jaxad.runtime import compilation, distributed, parallel
 
 LAM_DISTANCES = ("crd", "kernel_crd")  # distances whose finalize reads λ
 IMAGE_SCORES = ("max", "topk_mean")
@@ -75,28 +77,34 @@ def check_config(config: ml_collections.ConfigDict, backbone: Backbone) -> tuple
     require_at_least(config, 1, "image_topk", "position_blocks", "rff_dim")
     require_between(config, "rff_scale", 0.0, np.inf)
     require_at_least(config, 0, "reg")
-    size = config.image_size
-    shape = (1, *((size, size) if isinstance(size, int) else size), 3)
     f = jax.eval_shape(lambda v, x: patch_features(config, backbone, v, x), backbone.variables,
-                       jax.ShapeDtypeStruct(shape, jnp.float32))
+                       jax.ShapeDtypeStruct((1, *_image_shape(config)), jnp.float32))
     d, grid = f.shape[-1], tuple(f.shape[1:3])
     protocol.check_position(config, grid)
     protocol.check_memory(config, distance, d, grid)
     return d, grid
 
 
+def _image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    size = config.image_size
+    return (*((size, size) if isinstance(size, int) else size), 3)
+
+
 def _hold_out(batches: Iterable[Batch], every: int, kept: list[np.ndarray]) -> Iterator[Batch]:
-    """The batches with valid images 1, 1 + every, 1 + 2·every, ... marked invalid; those images go to
-    ``kept``. The first image always trains (it seeds the statistics) and any set of two images holds one out."""
+    """The batches with the images at places 1, 1 + every, 1 + 2·every, ... of the whole training list
+    marked invalid; those images go to ``kept``. The place is ``Batch.index`` (a process's share of the
+    list starts past 0, so several processes hold out what one process would), else the count of valid
+    images seen. The first image always trains (it seeds the statistics) and any set of two images holds one out."""
     seen = 0
     for batch in batches:
         valid = np.asarray(batch.valid).copy()
         for i in np.flatnonzero(valid):
-            if seen % every == 1:
+            place = seen if batch.index is None else int(batch.index[i])
+            if place % every == 1:
                 kept.append(np.asarray(batch.images[i]))
                 valid[i] = False
             seen += 1
-        yield Batch(batch.images, batch.masks, batch.labels, valid, batch.paths)
+        yield batch._replace(valid=valid)
 
 
 def weighted_auroc(scores: jax.Array, positive: jax.Array, negative: jax.Array) -> jax.Array:
@@ -108,10 +116,14 @@ def weighted_auroc(scores: jax.Array, positive: jax.Array, negative: jax.Array) 
     return wins / jnp.maximum(jnp.sum(positive) * jnp.sum(negative), 1)
 
 
-def _selection(context: dict, w, V, lams, f_normal, f_anomalous, coverage):
-    """Image and patch AUROC [K] of every candidate on clean vs pasted held-out images."""
-    s_n = crd.candidate_scores(context, w, V, lams, f_normal)  # [K, N, h, w]
-    s_a = crd.candidate_scores(context, w, V, lams, f_anomalous)
+def _candidate_maps(context: dict, w, V, lams, f_normal, f_anomalous):
+    """Patch scores [K, N, h, w] of every candidate on clean and on pasted held-out images."""
+    return (crd.candidate_scores(context, w, V, lams, f_normal),
+            crd.candidate_scores(context, w, V, lams, f_anomalous))
+
+
+def _selection(s_n, s_a, coverage):
+    """Image and patch AUROC [K] of every candidate on clean (``s_n``) vs pasted (``s_a``) held-out images."""
     k = s_n.shape[0]
     has = jnp.max(coverage, axis=(1, 2)) > 0
     img = jnp.concatenate([jnp.max(s_n, axis=(2, 3)), jnp.max(s_a, axis=(2, 3))], axis=1)
@@ -126,23 +138,59 @@ def _selection(context: dict, w, V, lams, f_normal, f_anomalous, coverage):
 
 
 def select_lam(config: ml_collections.ConfigDict, stats: protocol.Stats, extract: Callable,
-               held: np.ndarray, f_normal: jax.Array) -> tuple[float, np.ndarray]:
+               held: np.ndarray, f_normal: jax.Array, first: int, total: int) -> tuple[float, np.ndarray]:
     """The candidate λ (in ``lam_mode``) that best separates held-out images from their pasted-anomaly
-    copies; returns it and the curve [K, 3] (λ, image AUROC, patch AUROC)."""
+    copies; returns it and the curve [K, 3] (λ, image AUROC, patch AUROC).
+
+    ``held`` are images ``first ..`` of the ``total`` held out by all processes: each is pasted with its
+    own key of the whole set, scored here, and the scores of every process decide together, so any
+    number of processes picks what one process would."""
     key = jax.random.key(config.seed)
     textures = anomalies.texture_bank(jax.random.fold_in(key, 1), 8, held.shape[1])
-    pasted, masks = anomalies.paste(jax.random.fold_in(key, 2), jnp.asarray(held), textures)
-    f_anomalous = jnp.concatenate(compilation.in_fixed_batches(extract, pasted, config.batch_size))
-    grid = f_normal.shape[1:3]
-    coverage = jax.image.resize(masks, (masks.shape[0], *grid), "linear", antialias=True)
     candidates = sorted((float(c) for c in config.lam_candidates), reverse=True)  # ties go to the larger λ
     w, V = crd.spectrum(stats.sums["G"])
     lams = np.stack([crd.group_lambda(stats, c, config.lam_mode) for c in candidates])
-    image_auroc, patch_auroc = compilation.jit(_selection)(
-        stats.context, jnp.asarray(w, jnp.float32), jnp.asarray(V, jnp.float32), jnp.asarray(lams, jnp.float32),
-        f_normal, f_anomalous, coverage)
+    grid = f_normal.shape[1:3]
+    s_n = s_a = np.zeros((len(candidates), 0, *grid), np.float32)
+    coverage = np.zeros((0, *grid), np.float32)
+    if len(held):
+        keys = jax.random.split(jax.random.fold_in(key, 2), total)[first:first + len(held)]
+        pasted, masks = anomalies.paste(keys, jnp.asarray(held), textures)
+        f_anomalous = jnp.concatenate(compilation.in_fixed_batches(extract, pasted, config.batch_size))
+        coverage = jax.image.resize(masks, (masks.shape[0], *grid), "linear", antialias=True)
+        s_n, s_a = compilation.jit(_candidate_maps)(
+            stats.context, jnp.asarray(w, jnp.float32), jnp.asarray(V, jnp.float32), jnp.asarray(lams, jnp.float32),
+            f_normal, f_anomalous)
+    s_n, s_a = distributed.concatenated(s_n, axis=1), distributed.concatenated(s_a, axis=1)
+    image_auroc, patch_auroc = compilation.jit(_selection)(s_n, s_a, distributed.concatenated(coverage))
     curve = np.stack([candidates, np.asarray(image_auroc), np.asarray(patch_auroc)], axis=1)
     return candidates[int(np.argmax(curve[:, 1] + curve[:, 2]))], curve
+
+
+def _feature_batches(f: jax.Array, batch_size: int, steps: int) -> Iterator[Batch]:
+    """Features [N, h, w, d] as ``steps`` batches of ``batch_size`` (the tail and any extra batch padding)."""
+    for start in range(0, steps * batch_size, batch_size):
+        rows = np.arange(start, start + batch_size)
+        chunk = f[np.minimum(rows, len(f) - 1)] if len(f) else jnp.zeros((batch_size, *f.shape[1:]), f.dtype)
+        yield Batch(chunk, None, np.zeros(batch_size, np.int32), rows < len(f), ("held-out image",) * batch_size)
+
+
+def _choose_lam(config: ml_collections.ConfigDict, distance: protocol.Distance, stats: protocol.Stats, run: Callable,
+                held: list[np.ndarray], feature_shape: tuple[int, int, int],
+                mesh: jax.sharding.Mesh) -> tuple[float, np.ndarray, protocol.Stats]:
+    """(λ, its curve, the statistics with the held-out images added) from every process's held-out images."""
+    held_counts = distributed.counts(len(held))  # every process's, in process order
+    if not held_counts.sum():
+        raise ConfigError("--config.lam=auto: one training image cannot be split to choose λ; give a number")
+    images = np.stack(held) if held else np.zeros((0, *_image_shape(config)), np.float32)
+    f_held = (jnp.concatenate(compilation.in_fixed_batches(run, jnp.asarray(images), config.batch_size)) if held
+              else jnp.zeros((0, *feature_shape), jnp.float32))
+    first = int(held_counts[:jax.process_index()].sum())
+    lam, curve = select_lam(config, stats, run, images, f_held, first, int(held_counts.sum()))
+    steps = -(-int(held_counts.max()) // config.batch_size)  # as many on every process: each step is a psum
+    more = protocol.stream(distance, config, lambda _, f: f, None, _feature_batches(f_held, config.batch_size, steps),
+                           mesh, context=stats.context)
+    return lam, curve, protocol.add(stats, more.sums)
 
 
 def fit(
@@ -153,7 +201,7 @@ def fit(
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Stream the training patches into the distance's statistics (sharded over ``mesh``), then finalize."""
-    check_config(config, backbone)
+    d, grid = check_config(config, backbone)
     distance = protocol.get(config.distance)
     mesh = parallel.batch_mesh() if mesh is None else mesh
     extract = lambda v, x: patch_features(config, backbone, v, x)
@@ -165,16 +213,12 @@ def fit(
     state: dict = {}
     if config.distance in LAM_DISTANCES:
         final = ml_collections.ConfigDict(config.to_dict())
-        if auto and held:
-            run = partial(compilation.jit(extract), backbone.variables)
-            f_held = jnp.concatenate(compilation.in_fixed_batches(run, jnp.asarray(np.stack(held)), config.batch_size))
-            lam, curve = select_lam(config, stats, run, np.stack(held), f_held)
-            more = distance.update(protocol.zero_sums(stats), f_held, jnp.ones(len(held), bool)).sums
-            stats = protocol.add(stats, more)
+        if auto:
+            lam, curve, stats = _choose_lam(config, distance, stats, partial(compilation.jit(extract), backbone.variables),
+                                            held, (*grid, d), mesh)
             state["lam_curve"] = curve
-            _write_curve(config, curve)
-        elif auto:
-            raise ConfigError("--config.lam=auto: one training image cannot be split to choose λ; give a number")
+            if distributed.is_main():
+                _write_curve(config, curve)
         else:
             lam = lam_value(config)
         final.lam = str(lam)
