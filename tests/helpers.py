@@ -1,6 +1,11 @@
-"""What several test files need: the calibration split a fit makes, and rows of a markdown table."""
+"""What several test files need: the calibration split a fit makes, rows of a markdown table, and a
+record of the files a piece of code opens."""
 
+import builtins
 from pathlib import Path
+
+import PIL.Image
+import pytest
 
 from jaxad import checkpoint, pipeline
 from jaxad.data import open_dataset
@@ -26,3 +31,19 @@ def markdown_rows(text: str, header_start: str) -> list[dict[str, str]]:
             break
         rows.append(dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))))
     return rows
+
+
+def record_opened_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that receives every path opened through ``open`` or ``PIL.Image.open`` until
+    ``monkeypatch.undo()``: how a test proves that a choice never read the test split."""
+    opened: list[str] = []
+
+    def recording(original):
+        def wrapper(file, *args, **kwargs):
+            opened.append(str(file))
+            return original(file, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(builtins, "open", recording(builtins.open))
+    monkeypatch.setattr(PIL.Image, "open", recording(PIL.Image.open))
+    return opened

@@ -239,25 +239,14 @@ def test_bad_settings_are_refused_by_name(gear, override, message):
 @pytest.mark.slow
 def test_auto_lambda_never_reads_test_data(gear, tmp_path, monkeypatch):
     """Every file opened while λ is chosen is recorded (builtins.open and PIL): none is a test image."""
-    import builtins
-
-    import PIL.Image
+    from helpers import record_opened_files
 
     from jaxad import pipeline
-
-    opened: list[str] = []
-
-    def recording(original):
-        def wrapper(file, *args, **kwargs):
-            opened.append(str(file))
-            return original(file, *args, **kwargs)
-        return wrapper
 
     config = _config(position="blocks", position_blocks=2)
     config.data, config.workdir = str(gear.root), str(tmp_path / "w")
     bb = backbones.load(config.backbone)
-    monkeypatch.setattr(builtins, "open", recording(builtins.open))
-    monkeypatch.setattr(PIL.Image, "open", recording(PIL.Image.open))
+    opened = record_opened_files(monkeypatch)
     state, _ = pipeline.fit(config, gear, bb)
     monkeypatch.undo()
     test_files = {str(s.path) for s in gear.test} | {str(m) for s in gear.test for m in s.mask_paths}

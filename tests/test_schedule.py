@@ -53,9 +53,7 @@ def test_best_validation_auroc_wins_and_ties_go_to_the_cheaper():
 def test_schedule_is_chosen_without_reading_the_test_split(tmp_path, monkeypatch):
     """Every file opened while the grid is fitted and the section written is recorded (builtins.open
     and PIL): the training images are, no test image or mask is."""
-    import builtins
-
-    import PIL.Image
+    from helpers import record_opened_files
 
     from jaxad.data import open_dataset
 
@@ -64,16 +62,7 @@ def test_schedule_is_chosen_without_reading_the_test_split(tmp_path, monkeypatch
     dataset = open_dataset(root / "gear")
     base = load_config(CONFIGS / "efficientad.py")
     base.batch_size, base.val_fraction, base.num_overlays = 4, 0.25, 2
-    opened: list[str] = []
-
-    def recording(original):
-        def wrapper(file, *args, **kwargs):
-            opened.append(str(file))
-            return original(file, *args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(builtins, "open", recording(builtins.open))
-    monkeypatch.setattr(PIL.Image, "open", recording(PIL.Image.open))
+    opened = record_opened_files(monkeypatch)
     out = tmp_path / "BENCHMARKS.md"
     chosen = schedule.write_schedule(out, "sched", "cmd", base, root / "gear", ["image_size=64", "lr=1e-3,1e-4"],
                                      steps=4, validate_every=2, runs_dir=tmp_path / "runs")

@@ -1,11 +1,10 @@
 """scripts/bench.py --select: a setting chosen on held-out training images with synthetic anomalies."""
 
-import builtins
 import re
 
 import numpy as np
-import PIL.Image
 import pytest
+from helpers import record_opened_files
 from test_pipeline import CONFIGS_DIR, run_script
 
 from jaxad.bench import harness, select
@@ -24,17 +23,8 @@ def root(tmp_path_factory):
 @pytest.mark.slow
 def test_the_selector_never_reads_test_data(root, tmp_path, capsys, monkeypatch):
     """Every file opened during the selection is recorded (builtins.open and PIL): none is a test image."""
-    opened: list[str] = []
-
-    def recording(original):
-        def wrapper(file, *args, **kwargs):
-            opened.append(str(file))
-            return original(file, *args, **kwargs)
-        return wrapper
-
     out = tmp_path / "B.md"
-    monkeypatch.setattr(builtins, "open", recording(builtins.open))
-    monkeypatch.setattr(PIL.Image, "open", recording(PIL.Image.open))
+    opened = record_opened_files(monkeypatch)
     code, _, err = run_script("bench.py", "--method", "crd", "--data-root", root, "--out", out, "--section", "sel",
                               "--no-default", "--variant", SMALL, "--select", "aggregate=1,3", capsys=capsys)
     monkeypatch.undo()
