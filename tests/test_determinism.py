@@ -78,9 +78,12 @@ def runs(gear, tmp_path_factory) -> dict[str, Path]:
             for name, devices in [("first", 1), ("second", 1), ("eight", 8)]}
 
 
+MEASURED = ("fit_seconds", "predict_images_per_second", "peak_rss_mb")  # of the machine, not of the model
+
+
 def _metrics(run: Path, method: str) -> dict[str, float]:
     raw = json.loads((run / method / "metrics.json").read_text())
-    return {k: v for k, v in raw.items() if isinstance(v, float) and k not in ("fit_seconds", "predict_images_per_second")}
+    return {k: v for k, v in raw.items() if isinstance(v, float) and k not in MEASURED}
 
 
 def test_every_method_is_covered():
@@ -103,10 +106,12 @@ def test_one_and_eight_devices_give_the_same_metrics(runs, method):
     """Rates (AUROC, AP, AUPRO, F1) to 1e-6; the F1 thresholds are anomaly scores, summed over
     shards in another order on 8 devices, so they agree to 1e-4 relative (measured: 3.5e-5 PaDiM).
     PaDiM's AUPRO, which integrates over every threshold of those scores, is held to 1e-5
-    (measured: 2.4e-6)."""
+    (measured: 2.4e-6). CRD's chosen λ is the same; its effective λ (a trace of G, summed in another
+    order) agrees to 1e-4 relative, and λ over G's smallest eigenvalue is not compared: on this small
+    fit that eigenvalue is float32 rounding."""
     one, eight = _metrics(runs["first"], method), _metrics(runs["eight"], method)
     assert one.keys() == eight.keys()
-    for key in one:
-        tolerance = 1e-4 * abs(one[key]) if key.endswith("_threshold") else 1e-5 if (method, key) == ("padim", "aupro") \
-            else 1e-6
+    for key in one.keys() - {"lam_ratio"}:
+        relative = key.endswith("_threshold") or key == "lam_effective"
+        tolerance = 1e-4 * abs(one[key]) if relative else 1e-5 if (method, key) == ("padim", "aupro") else 1e-6
         assert abs(one[key] - eight[key]) <= tolerance, (method, key, one[key], eight[key])
