@@ -133,6 +133,16 @@ def variants(methods: Sequence[str], specs: Sequence[str], config_dir: Path,
     return out
 
 
+def parse_values(option: str, spec: str) -> tuple[str, list[str]]:
+    """``'feature_sigma=0,4,8'`` → ``('feature_sigma', ['0', '4', '8'])``: the one reader of the
+    KEY=V1,V2,... specs of --select, --schedule and --sweep, errors named by ``option``."""
+    key, _, body = spec.partition("=")
+    values = split_overrides(body)
+    if not key.strip() or not values or not all(v.strip() for v in values):
+        raise ConfigError(f"{option} {spec}: expected KEY=VALUE,VALUE,... with at least one value")
+    return key.strip(), [v.strip() for v in values]
+
+
 def split_overrides(body: str) -> list[str]:
     """``KEY=VALUE,...`` split at the commas outside brackets and quotes, so a tuple value such as
     ``taps=('stage2','stage4')`` stays one override."""

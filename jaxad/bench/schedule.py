@@ -39,12 +39,10 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
     """``["image_size=128,256", "lr=1e-4"]`` → ``{"image_size": ["128", "256"], "lr": ["1e-4"]}``."""
     grid: dict[str, list[str]] = {}
     for spec in specs:
-        key, sep, values = spec.partition("=")
-        if not sep or not key or not values.strip(","):
-            raise ConfigError(f"--schedule {spec}: expected KEY=VALUE[,VALUE...]")
+        key, values = harness.parse_values("--schedule", spec)
         if key in grid:
             raise ConfigError(f"--schedule {spec}: {key} is given twice")
-        grid[key] = [v for v in values.split(",") if v]
+        grid[key] = values
     return grid
 
 

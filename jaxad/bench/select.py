@@ -35,11 +35,7 @@ SCORES = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")  # reported as synt
 
 def parse(spec: str) -> tuple[str, list[str]]:
     """``'feature_sigma=0,4,8'`` → ``('feature_sigma', ['0', '4', '8'])``."""
-    key, _, body = spec.partition("=")
-    values = harness.split_overrides(body)
-    if not key.strip() or not values or not all(v.strip() for v in values):
-        raise ConfigError(f"--select {spec}: expected KEY=VALUE,VALUE,... with at least one value")
-    return key.strip(), [v.strip() for v in values]
+    return harness.parse_values("--select", spec)
 
 
 def held_out_scores(config: ml_collections.ConfigDict, category: Path, heldout: float = HELDOUT) -> dict[str, Any]:

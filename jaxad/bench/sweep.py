@@ -44,11 +44,11 @@ NOTE = ("Measured on the test set, so a research curve of accuracy against λ (i
 
 def parse(spec: str) -> list[float]:
     """``lam=V,V,...`` → the candidates, largest first (positive numbers; only λ is swept)."""
-    key, _, values = spec.partition("=")
-    if key.strip() != "lam" or not values:
+    key, values = harness.parse_values("--sweep", spec)
+    if key != "lam":
         raise ConfigError(f"--sweep {spec}: expected lam=V,V,... (only λ is swept in one program)")
     try:
-        candidates = sorted({float(v) for v in values.split(",") if v.strip()}, reverse=True)
+        candidates = sorted({float(v) for v in values}, reverse=True)
     except ValueError:
         raise ConfigError(f"--sweep {spec}: every value must be a number") from None
     if not candidates or min(candidates) <= 0 or not np.isfinite(candidates).all():
