@@ -9,6 +9,13 @@ patches and feature scale (``'absolute'`` is the paper's λ on Σ f fᵀ: with t
 is ~1e-4 of G's smallest eigenvalue and changes nothing). ``lam='auto'`` picks one of
 ``lam_candidates`` on synthetic anomalies pasted into every k-th training image (k = 1/lam_heldout, from the second),
 never on test data; or give a number, e.g. ``--config.lam=0.1``.
+
+Taps: stage1 + stage2 + stage4 (PaDiM's taps: the stride-4 tap sets a 64×64 grid at 256 px) were chosen
+over stage2 + stage4 (stride 8, d = 152) without test images, by ``python scripts/bench.py --method crd
+--select taps=...`` on held-out training images with synthetic anomalies: the global CRD picked them on
+both Magnetic Tile (held-out AUPRO 0.544 against 0.509) and bottle (0.611 against 0.599); BENCHMARKS.md,
+``select-taps-crd-real-cpu``. The same selection kept stride 8 for ``position=blocks`` on bottle
+(0.696 against 0.657) and chose stride 4 for it on Magnetic Tile (0.518 against 0.482).
 """
 
 import ml_collections
@@ -20,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.backbone = "efficientnet_lite0"
     c.weights = ""  # empty: the bundled or cached weights of `backbone`; else a .pth/.safetensors path
     c.compute_dtype = "float32"  # or "bfloat16": backbone compute only (BENCHMARKS.md gives its error)
-    c.taps = ("stage2", "stage4")  # stride 8 (40 ch) and stride 16 (112 ch): d = 152
+    c.taps = ("stage1", "stage2", "stage4")  # strides 4, 8, 16 (24 + 40 + 112 ch): d = 176 on a stride-4 grid
     c.aggregate = 3  # k×k local average of each tap before concatenation (1 = off)
     c.image_size = 256
     c.distance = "crd"

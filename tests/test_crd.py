@@ -215,7 +215,7 @@ def _config(**overrides):
 @pytest.mark.parametrize("override, message", [
     ("position=diagonal", "position=diagonal: choose one of global, blocks, location"),
     ("position_blocks=0", "position_blocks=0: must be at least 1"),
-    ("position_blocks=9", "position_blocks=9: must be between 1 and 8"),
+    ("position_blocks=17", "position_blocks=17: must be between 1 and 16"),
     ("lam=abc", "lam=abc: expected a positive number or 'auto'"),
     ("lam=-1", "lam=-1: must be in"),
     ("lam_mode=relative", "lam_mode=relative: choose one of absolute"),
