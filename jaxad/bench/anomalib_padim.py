@@ -83,7 +83,7 @@ def anomalib_model(config: ml_collections.ConfigDict, channels: np.ndarray):
     if missing:
         raise ConfigError(f"timm's tf_{BACKBONE}: {len(missing)} tensors not in jaxad's weights, e.g. {missing[:3]}")
     extractor.load_state_dict({k: torch.from_numpy(state[k]) for k in wanted if k in state}, strict=False)
-    model.idx = torch.as_tensor(channels, dtype=torch.long)
+    model.idx = torch.tensor(np.array(channels), dtype=torch.long)
     torch.set_num_threads(os.cpu_count() or 1)
     return model
 
