@@ -42,12 +42,14 @@ def test_a_config_anomalib_cannot_mirror_is_refused_before_anomalib_is_imported(
 
 
 def test_section_lists_both_sides_per_batch():
-    result = {"rows": [{"batch": 1, "jaxad_ms": 20.0, "anomalib_ms": 60.0, "speedup": 3.0},
-                       {"batch": 16, "jaxad_ms": 200.0, "anomalib_ms": 900.0, "speedup": 4.5}],
+    result = {"rows": [{"batch": 1, "jaxad_ms": 20.0, "anomalib_2t_ms": 90.0, "anomalib_1t_ms": 60.0, "speedup": 3.0},
+                       {"batch": 16, "jaxad_ms": 200.0, "anomalib_2t_ms": 900.0, "anomalib_1t_ms": 950.0,
+                        "speedup": 4.5}],
               "train_images": 8, "channels": 100, "image_size": (256, 256), "score_correlation": 0.999999,
               "score_max_rel_diff": 1e-4}
     text = anomalib_padim.section(result, "bottle", "python scripts/bench.py --anomalib-padim")
-    assert "| 1 | 20 | 60 | 3 |" in text and "| 16 | 200 | 900 | 4.5 |" in text
+    assert "| batch | jaxad_ms | anomalib_2t_ms | anomalib_1t_ms | speedup |" in text
+    assert "| 1 | 20 | 90 | 60 | 3 |" in text and "| 16 | 200 | 900 | 950 | 4.5 |" in text
     assert "same 8 training images" in text and "the same 100 channels" in text
 
 
