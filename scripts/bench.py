@@ -8,6 +8,7 @@
     python scripts/bench.py --scale [--scale-distances crd,nn] [--scale-max-n 1e9] [--scale-budget 1500] [--scale-nn-gb 4]
         [--section NAME]
     python scripts/bench.py --backbones [--per-tap] [--backbone NAME ...] [--no-compile] [--section NAME]
+    python scripts/bench.py --anomalib-padim --data-root CATEGORY [--train-count 32] [--section NAME]
     python scripts/bench.py --import-from OTHER/BENCHMARKS.md --section NAME [--out BENCHMARKS.md]
     python scripts/bench.py --summary [--section NAME --replaces OLD ...]
     python scripts/bench.py --method paap --select feature_sigma=0,4,8 [--data-root DIR] [--section NAME]
@@ -46,6 +47,10 @@ validated every --validate-every steps on held-out training images with syntheti
 writes the validation curves and the schedule they choose (jaxad/bench/schedule.py); the test split
 is never read.
 
+--anomalib-padim fits jaxad's PaDiM and anomalib's on the same EfficientNet-Lite0 weights, channels and
+--train-count training images of one category, and times their predictions interleaved in one process
+at batch 1 and 16 (jaxad/bench/anomalib_padim.py; run it where anomalib is installed).
+
 --import-from copies section NAME of a BENCHMARKS.md written on another machine (a GPU, a TPU VM),
 with the plots folder benchmarks/NAME beside it, into --out as it is.
 
@@ -64,7 +69,7 @@ import sys
 from pathlib import Path
 
 from jaxad import cli
-from jaxad.bench import backbone_speed, distance_speed, harness, scale, schedule, select, summary, sweep
+from jaxad.bench import anomalib_padim, backbone_speed, distance_speed, harness, scale, schedule, select, summary, sweep
 from jaxad.config import config_path, load_config
 from jaxad.data import synthetic
 
@@ -103,6 +108,10 @@ def main() -> int:
     parser.add_argument("--backbone", action="append", help="with --backbones: only this one (repeatable)")
     parser.add_argument("--per-tap", action="store_true",
                         help="with --backbones: time batch-1 forwards to each tap in turn (time per stage)")
+    parser.add_argument("--anomalib-padim", action="store_true",
+                        help="time jaxad's PaDiM against anomalib's on --data-root CATEGORY (needs anomalib)")
+    parser.add_argument("--train-count", type=int, default=32,
+                        help="with --anomalib-padim: training images both PaDiMs are fitted on")
     parser.add_argument("--schedule", nargs="+", metavar="KEY=V1,V2",
                         help="choose a schedule on the validation curve over these values (one method, one category)")
     parser.add_argument("--steps", type=int, default=600, help="with --schedule: train_steps of every fit")
@@ -146,6 +155,12 @@ def run_benchmark(args: argparse.Namespace, command: str) -> str:
         return distance_speed.write_coreset(args.out, command, args.section, args.coreset_budget)
     if args.schedule:
         return choose_schedule(args, command)
+    if args.anomalib_padim:
+        if not args.data_root:
+            raise SystemExit("--anomalib-padim needs --data-root CATEGORY")
+        config = load_config(config_path("padim", ROOT / "configs"))
+        return anomalib_padim.write_comparison(args.out, command, config, Path(args.data_root), args.section,
+                                               args.train_count, args.note)
     if args.backbones:
         write = backbone_speed.write_stages if args.per_tap else backbone_speed.write_speed
         return write(args.out, command, args.section, args.backbone or (), not args.no_compile, args.note)

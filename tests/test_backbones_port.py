@@ -6,8 +6,6 @@ rename, and every tap must then match the Flax port to 1e-4.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import ml_dtypes
 import numpy as np
@@ -15,8 +13,9 @@ import pytest
 from test_backbones import bundled_pth, write_legacy, write_zip
 
 from jaxad import backbones
-from jaxad.backbones.efficientnet_lite import EXPAND, LITE0, LITE1, LITE2
+from jaxad.backbones.efficientnet_lite import LITE0, LITE1, LITE2
 from jaxad.backbones.torch_weights import read_state_dict
+from jaxad.bench.anomalib_padim import timm_lite_state
 
 pytestmark = pytest.mark.port
 PORT = "needs torch, torchvision and timm: pip install -e '.[test,port]' && python -m pytest -m port"
@@ -81,25 +80,8 @@ def test_hand_written_files_load_in_torch(tmp_path, writer):
 
 
 def timm_state_dict(state: dict[str, np.ndarray], depths) -> dict:
-    """lukemelas EfficientNet-PyTorch keys → timm ``tf_efficientnet_lite*`` keys."""
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    inner = {  # block layer names in timm: depthwise-separable (expand 1) or inverted residual
-        1: {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
-        6: {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-            "_project_conv": "conv_pwl", "_bn2": "bn3"},
-    }
-    where = [(s, i) for s, d in enumerate(depths) for i in range(d)]
-    out = {}
-    for key, value in state.items():
-        block = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
-        if block:
-            stage, i = where[int(block[1])]
-            name = f"blocks.{stage}.{i}.{inner[EXPAND[stage]][block[2]]}.{block[3]}"
-        else:
-            layer, param = key.split(".", 1)
-            name = f"{top[layer]}.{param}"
-        out[name] = torch.from_numpy(np.array(value))
-    return out
+    """lukemelas EfficientNet-PyTorch keys → timm ``tf_efficientnet_lite*`` keys, as torch tensors."""
+    return {k: torch.from_numpy(np.array(v)) for k, v in timm_lite_state(state, depths).items()}
 
 
 def timm_taps(model, images: np.ndarray) -> dict[str, np.ndarray]:

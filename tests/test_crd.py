@@ -142,6 +142,25 @@ def test_blocks_tile_the_grid():
     assert sorted(np.unique(g, return_counts=True)[1]) == [4, 4, 4, 4, 4, 4, 6, 6, 6]
 
 
+@pytest.mark.parametrize("position,blocks,grid", [("global", 1, (4, 4)), ("blocks", 2, (4, 4)),
+                                                   ("blocks", 3, (6, 7)), ("location", 1, (6, 7))])
+def test_grouped_gram_equals_a_numpy_sum_over_each_groups_cells(position, blocks, grid):
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(3, *grid, 5)).astype(np.float32)
+    config = _position(position, blocks)
+    group = protocol.cell_groups(config, grid)
+    groups = protocol.num_groups(config, grid)
+    got = np.asarray(jax.jit(protocol.grouped_outer, static_argnums=1)(jnp.asarray(x), groups))
+    cells = x.reshape(3, -1, 5).astype(np.float64)
+    want = np.zeros((groups, 5, 5))
+    for cell, g in enumerate(group):
+        want[g] += cells[:, cell].T @ cells[:, cell]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    table = protocol.cells_of_groups(groups, grid)
+    for g in range(groups):  # the gathered layout holds each group's cells once, padding aside
+        assert sorted(c for c in table[g] if c < group.size) == list(np.flatnonzero(group == g))
+
+
 def test_candidate_scores_equal_one_fit_per_lambda():
     rng = np.random.default_rng(6)
     f = rng.normal(size=(6, 4, 4, 5)).astype(np.float32)

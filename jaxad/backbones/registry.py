@@ -250,6 +250,11 @@ def _target(module: nn.Module, taps: Sequence[str]) -> Any:
     return jax.eval_shape(partial(module.init, taps=tuple(taps)), jax.random.PRNGKey(0), images)
 
 
+def bundled_weights(name: str) -> Path:
+    """The file of ``name``'s default weights (before conversion), e.g. to give another library the same ones."""
+    return _entry(name).bundled()
+
+
 def tap_info(name: str) -> dict[str, TapInfo]:
     """``name``'s taps (stride, channels), in network order, without loading any weights."""
     return dict(_entry(name).taps)

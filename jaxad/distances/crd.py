@@ -118,7 +118,7 @@ def update(stats: Stats, features: jax.Array, valid: jax.Array) -> Stats:
     groups = stats.sums["G"].shape[0]
     x = feature_map(stats.context, features) * valid.astype(jnp.float32)[:, None, None, None]
     cells = jax.ops.segment_sum(jnp.ones_like(stats.context["group"], jnp.float32), stats.context["group"], groups)
-    return Stats(stats.context, {"G": stats.sums["G"] + protocol.grouped_outer(x, stats.context["group"], groups),
+    return Stats(stats.context, {"G": stats.sums["G"] + protocol.grouped_outer(x, groups),
                                  "n": stats.sums["n"] + jnp.sum(valid.astype(jnp.float32)) * cells})
 
 

@@ -52,7 +52,7 @@ def update(stats: Stats, features: jax.Array, valid: jax.Array) -> Stats:
     s = stats.sums
     return Stats(stats.context, {"n": s["n"] + jnp.sum(v) * cells,
                                  "s1": s["s1"] + protocol.grouped_sum(x, group, groups),
-                                 "s2": s["s2"] + protocol.grouped_outer(x, group, groups)})
+                                 "s2": s["s2"] + protocol.grouped_outer(x, groups)})
 
 
 def gaussians(stats: Stats, reg: float) -> tuple[np.ndarray, np.ndarray]:

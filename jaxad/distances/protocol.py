@@ -22,6 +22,7 @@ Position: every distance sees the grid; :func:`cell_groups` maps each grid cell 
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -88,14 +89,33 @@ def num_groups(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> int:
 
 def cell_groups(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> np.ndarray:
     """The group of every grid cell, row-major [h·w] int32 (blocks: K×K near-equal tiles)."""
+    return groups_of_cells(num_groups(config, grid), grid)
+
+
+def groups_of_cells(groups: int, grid: tuple[int, int]) -> np.ndarray:
+    """The group of every cell [h·w] for P groups: P = h·w is one cell each, else P = K² tiles of
+    near-equal size (K = 1: one global group). P and the grid fix the layout, so a compiled update
+    can derive it from array shapes alone."""
     h, w = grid
-    if config.position == "global":
-        return np.zeros(h * w, np.int32)
-    if config.position == "location":
+    if groups == h * w:
         return np.arange(h * w, dtype=np.int32)
-    k = config.position_blocks
+    k = math.isqrt(groups)
+    if k * k != groups or k > min(grid):
+        raise ValueError(f"{groups} groups are neither every cell nor K×K tiles of the {h}×{w} grid")
     rows, cols = np.arange(h) * k // h, np.arange(w) * k // w
     return (rows[:, None] * k + cols[None, :]).reshape(-1).astype(np.int32)
+
+
+def cells_of_groups(groups: int, grid: tuple[int, int]) -> np.ndarray:
+    """The cells of every group [P, m] (row-major order, m the largest group), unequal groups padded
+    with the index h·w, which :func:`grouped_outer` points at a row of zeros."""
+    group = groups_of_cells(groups, grid)
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group, minlength=groups)
+    rank = np.arange(group.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    table = np.full((groups, counts.max()), group.size, np.int32)
+    table[group[order], rank] = order
+    return table
 
 
 def check_position(config: ml_collections.ConfigDict, grid: tuple[int, int]) -> None:
@@ -117,14 +137,24 @@ def check_memory(config: ml_collections.ConfigDict, distance: Distance, d: int, 
             "use --config.position=blocks with a small --config.position_blocks, or fewer channels (taps)")
 
 
-def grouped_outer(x: jax.Array, group: jax.Array, groups: int) -> jax.Array:
-    """Σ x xᵀ per group: x [B, h, w, d] with cell groups [h·w] → [P, d, d] in float32."""
+def grouped_outer(x: jax.Array, groups: int) -> jax.Array:
+    """Σ x xᵀ per group: x [B, h, w, d] → [P, d, d] in float32, groups laid out by :func:`groups_of_cells`.
+
+    Each group's patches are gathered into one [B·m, d] slab (m cells of B images), so the Grams
+    are one matmul batched over groups, each contracting all the group's patches of the batch.
+    """
     b, h, w, d = x.shape
     if groups == 1:
         flat = x.reshape(-1, d)
         return jnp.matmul(flat.T, flat, precision=_HIGHEST)[None]
-    per_cell = jnp.einsum("bld,ble->lde", x.reshape(b, h * w, d), x.reshape(b, h * w, d), precision=_HIGHEST)
-    return per_cell if groups == h * w else jax.ops.segment_sum(per_cell, group, groups)
+    cells = x.reshape(b, h * w, d)
+    if groups == h * w:  # one cell per group: the layout is a transpose
+        slabs = jnp.swapaxes(cells, 0, 1)
+    else:
+        table = cells_of_groups(groups, (h, w))
+        padded = jnp.concatenate([cells, jnp.zeros((b, 1, d), x.dtype)], axis=1)
+        slabs = jnp.swapaxes(padded[:, table], 0, 1).reshape(groups, -1, d)  # [P, B·m, d]
+    return jnp.einsum("pnd,pne->pde", slabs, slabs, precision=_HIGHEST)
 
 
 def grouped_sum(x: jax.Array, group: jax.Array, groups: int) -> jax.Array:
