@@ -33,7 +33,7 @@ from jaxad.errors import ConfigError
 MARKER = "jaxad_run.json"
 COMPLETE = "complete.json"  # written last: the state and config beside it are whole
 LOCK = ".jaxad.lock"
-FORMAT_VERSION = 2  # 1: before complete.json existed; bump when state/ or config.json change meaning
+FORMAT_VERSION = 3  # 1: before complete.json existed; 3: PAAP keeps L⁻¹ ('whiten'), not L; bump when state/ or config.json change meaning
 
 _held: dict[Path, TextIO] = {}  # the workdirs this process has locked, with their open lock files
 

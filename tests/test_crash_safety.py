@@ -49,7 +49,7 @@ def test_a_workdir_without_its_completion_mark_is_refused(tmp_path):
     assert str(workdir) in str(e.value)
 
 
-@pytest.mark.parametrize("version", [1, 3, "x"])
+@pytest.mark.parametrize("version", [1, checkpoint.FORMAT_VERSION - 1, checkpoint.FORMAT_VERSION + 1, "x"])
 def test_another_format_version_is_refused_by_number(tmp_path, version):
     workdir = _saved(tmp_path)
     (workdir / checkpoint.COMPLETE).write_text(json.dumps({"format_version": version}))

@@ -125,12 +125,14 @@ def test_the_gathered_rows_stay_within_the_chunk_budget():
     group_id = np.arange(n_img) % 2  # two groups of 20
     members = paap.group_members(group_id)
     stats = {"rows": jnp.zeros((n_loc, n_img + 1, d)), "mean": jnp.zeros((n_loc, 2, d)),
-             "chol": jnp.broadcast_to(jnp.eye(20), (n_loc, 2, 20, 20)), "iso": jnp.ones((n_loc, 2))}
+             "whiten": jnp.broadcast_to(jnp.eye(20), (n_loc, 2, 20, 20)), "iso": jnp.ones((n_loc, 2))}
     budget = 2**18  # 64 KiB·4: 12 locations of [B, m, d] = 10 KiB each
     hlo = jax.jit(lambda f, g: paap.mahalanobis(f, g, jnp.asarray(members), stats, budget)).lower(
         jnp.zeros((b, n_loc, d)), jnp.zeros(b, jnp.int32)).compile().as_text()
     assert f"f32[{b},20,{n_loc},{d}]" not in hlo and f"f32[{n_loc},{b},20,{d}]" not in hlo
     assert f"f32[{budget // (b * 20 * d * 4)},{b},20,{d}]" in hlo
+    # no LAPACK call inside the loop: a batched triangular solve there deadlocked XLA's CPU thread pool
+    assert "custom_call_target=\"lapack" not in hlo and "trsm" not in hlo
 
 
 def test_routing_picks_the_group_whose_lead_matches():

@@ -32,14 +32,17 @@ is shrunk: Ledoit-Wolf Σ = (1−ρ)S + ρ·(tr S/d)·I (ρ from the data, sklea
 so Σ⁻¹ follows from Woodbury with one n×n Cholesky factor per location,
     (x−μ)ᵀΣ⁻¹(x−μ) = (‖v‖² − ‖L⁻¹X̃v‖²) / b,   v = x − μ, X̃ = √a·Xc, LLᵀ = bI + X̃X̃ᵀ,
 computed in float64 on the host at fit time. The state grows with N·d per location instead of
-groups·d², and no inverse is ever formed. Scoring runs over blocks of locations so that the
-gathered group rows, [B, m, d] per location, stay under ``CHUNK_BYTES`` whatever the grid.
+groups·d², and Σ is never inverted: L⁻¹ (m×m, triangular) comes from a triangular solve at fit time,
+so scoring is batched contractions only. (A batched triangular solve inside the scoring loop
+deadlocked on CPU: jax's LAPACK kernel waits for the thread pool that runs the loop.) Scoring runs
+over blocks of locations so that the gathered group rows, [B, m, d] per location, stay under
+``CHUNK_BYTES`` whatever the grid.
 
 State (``G`` groups, ``m`` images in the largest group, ``N`` training images), and per resolution
 ('image', and 'pixel' when ``pixel_taps`` is set) the Gaussians, location-major (``L`` locations):
     'rows'    [L, N+1, d]  √a·(x − μ_group) of every training image, plus one zero row for padding
     'mean'    [L, G, d]    per-group, per-location mean
-    'chol'    [L, G, m, m] lower Cholesky factor of bI + X̃X̃ᵀ (identity on padding)
+    'whiten'  [L, G, m, m] L⁻¹, the inverse lower Cholesky factor of bI + X̃X̃ᵀ (identity on padding)
     'iso'     [L, G]       b, the isotropic part of Σ
     'members' [G, m] row indices of each group's images, padded with N; 'group_id' [N], 'leads' [G]
     (training-image index of each lead), 'threshold' (match count used),
@@ -56,7 +59,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.scipy.linalg import solve_triangular
 
 from jaxad import features, postprocess
 from jaxad.backbones import Backbone
@@ -209,7 +211,7 @@ def group_gaussians(feats: np.ndarray, members: np.ndarray, mode: str, ridge: fl
     """Per-group, per-location mean and Woodbury factors of the shrunk covariance (float64 inside).
 
     feats [N, L, d] adapted features of the training images, members [G, m] from
-    :func:`group_members` → 'rows', 'mean', 'chol', 'iso', location-major as in the module docstring.
+    :func:`group_members` → 'rows', 'mean', 'whiten', 'iso', location-major as in the module docstring.
     Locations are independent: they are solved in blocks whose float64 temporaries (a group's
     features, centred and scaled, and its m×m factors) fit in ``budget_bytes`` (default: a quarter
     of the memory available); blocks do not change the result.
@@ -219,10 +221,10 @@ def group_gaussians(feats: np.ndarray, members: np.ndarray, mode: str, ridge: fl
     floor = 1e-6 * float(np.mean(np.var(feats, axis=0, dtype=np.float64))) + 1e-30
     rows = np.zeros((n_loc, n_img + 1, d), np.float32)
     mean = np.zeros((n_loc, groups, d), np.float32)
-    chol = np.broadcast_to(np.eye(m, dtype=np.float32), (n_loc, groups, m, m)).copy()
+    whiten = np.broadcast_to(np.eye(m, dtype=np.float32), (n_loc, groups, m, m)).copy()
     iso = np.zeros((n_loc, groups), np.float32)
     budget = memory.available().bytes // 4 if budget_bytes is None else budget_bytes
-    step = memory.rows_per_chunk(8 * (4 * m * d + 3 * m * m), budget)
+    step = memory.rows_per_chunk(8 * (4 * m * d + 4 * m * m), budget)
     for lo in range(0, n_loc, step):
         loc = slice(lo, lo + step)
         for g in range(groups):  # fit time, once per group; a block of locations at once
@@ -235,8 +237,9 @@ def group_gaussians(feats: np.ndarray, members: np.ndarray, mode: str, ridge: fl
             capacitance = np.einsum("nld,mld->lnm", scaled, scaled) + b[:, None, None] * np.eye(len(idx))
             rows[loc, idx] = scaled.transpose(1, 0, 2)
             mean[loc, g], iso[loc, g] = mu, b
-            chol[loc, g, : len(idx), : len(idx)] = np.linalg.cholesky(capacitance)
-    return {"rows": rows, "mean": mean, "chol": chol, "iso": iso}
+            chol = np.linalg.cholesky(capacitance)
+            whiten[loc, g, : len(idx), : len(idx)] = np.linalg.solve(chol, np.broadcast_to(np.eye(len(idx)), chol.shape))
+    return {"rows": rows, "mean": mean, "whiten": whiten, "iso": iso}
 
 
 def mahalanobis(f: jax.Array, group: jax.Array, members: jax.Array, stats: dict, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
@@ -254,13 +257,13 @@ def mahalanobis(f: jax.Array, group: jax.Array, members: jax.Array, stats: dict,
     block = int(max(1, min(n_loc, chunk_bytes // (b * index.shape[1] * d * f.dtype.itemsize))))
 
     def location(args):
-        x, rows, mean, chol, iso = args  # [B, d], [N+1, d], [G, d], [G, m, m], [G]
+        x, rows, mean, whiten, iso = args  # [B, d], [N+1, d], [G, d], [G, m, m], [G]
         v = x - mean[group]
         proj = jnp.einsum("bd,bmd->bm", v, rows[index], precision=jax.lax.Precision.HIGHEST)
-        z = solve_triangular(chol[group], proj[..., None], lower=True)[..., 0]
+        z = jnp.einsum("bmn,bn->bm", whiten[group], proj, precision=jax.lax.Precision.HIGHEST)
         return (jnp.sum(v * v, axis=-1) - jnp.sum(z * z, axis=-1)) / iso[group]
 
-    d2 = jax.lax.map(location, (f.swapaxes(0, 1), stats["rows"], stats["mean"], stats["chol"], stats["iso"]), batch_size=block)
+    d2 = jax.lax.map(location, (f.swapaxes(0, 1), stats["rows"], stats["mean"], stats["whiten"], stats["iso"]), batch_size=block)
     return jnp.sqrt(jnp.maximum(d2.T, 0.0))
 
 
@@ -276,7 +279,7 @@ def match_counts(config: ml_collections.ConfigDict, descriptors: np.ndarray | No
 
 def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images: int) -> tuple[int, str, str]:
     """(bytes, what, keys that lower it) of both resolutions' adapted features (twice while joined) and
-    Gaussians: 'rows' and 'mean' as large as the features, 'chol' [L, G, m, m] taken at groups of
+    Gaussians: 'rows' and 'mean' as large as the features, 'whiten' [L, G, m, m] taken at groups of
     ``2·group_size`` images (the sizes come from matching, after the features are extracted)."""
     m = min(n_images, 2 * config.group_size)
     need = _memory.forward_bytes(config, backbone, backbone_taps(config))
