@@ -13,6 +13,7 @@ dies with its process, so a killed fit leaves none behind.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -36,6 +37,13 @@ LOCK = ".jaxad.lock"
 FORMAT_VERSION = 3  # 1: before complete.json existed; 3: PAAP keeps L⁻¹ ('whiten'), not L; bump when state/ or config.json change meaning
 
 _held: dict[Path, TextIO] = {}  # the workdirs this process has locked, with their open lock files
+
+
+@atexit.register
+def _release() -> None:
+    """Close the lock files at exit (the kernel drops the locks with them)."""
+    while _held:
+        _held.popitem()[1].close()
 
 
 @contextlib.contextmanager
