@@ -72,7 +72,7 @@ def _lock(workdir: Path, option: str) -> None:
     """Hold an exclusive lock on ``workdir`` for the rest of this process, or refuse."""
     if workdir in _held:
         return
-    f = open(workdir / LOCK, "a+")
+    f = open(workdir / LOCK, "a+")  # noqa: SIM115 (held open, so locked, until _release at exit)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

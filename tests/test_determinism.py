@@ -68,7 +68,7 @@ def _fit_all(gear: Path, out: Path, devices: int) -> Path:
     settings = {m: {**COMMON, **SMALL.get(m, {})} for m in METHODS}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _RUN, str(gear), str(out), str(devices), json.dumps(settings),
-                           str(ROOT / "configs")], env=env, capture_output=True, text=True)
+                           str(ROOT / "configs")], env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

@@ -139,7 +139,7 @@ def test_routing_picks_the_group_whose_lead_matches():
     rng = np.random.default_rng(5)
     leads = rng.normal(size=(3, 20, 8))
     test = np.stack([leads[2][rng.permutation(20)], leads[0][rng.permutation(20)]]) + 0.05 * rng.normal(size=(2, 20, 8))
-    unit = lambda v: jnp.asarray(v / np.linalg.norm(v, axis=-1, keepdims=True), jnp.float32)  # noqa: E731
+    unit = lambda v: jnp.asarray(v / np.linalg.norm(v, axis=-1, keepdims=True), jnp.float32)
     config = ml_collections.ConfigDict({"matcher": "dense_mnn", "match_min_similarity": -1.0, "match_ratio": 1.0})
     route = jax.jit(lambda s, t: paap.route(config, s, None, t))
     np.testing.assert_array_equal(np.asarray(route({"lead_desc": unit(leads)}, unit(test))), [2, 0])
