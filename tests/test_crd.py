@@ -320,7 +320,7 @@ def test_fit_sharded_over_eight_devices_equals_one_device():
 
     M moves by at most ‖ΔG‖/λ when float32 sums are added in another order: on 14 random images G is
     rank-deficient, and a λ of 1e-4 of its mean eigenvalue moved M by 7e-3 of its largest entry
-    (measured), so auto λ chooses among candidates ≥ 0.1 here, where M agrees to 2e-5.
+    (measured), so auto λ chooses among candidates ≥ 0.1 here.
 
     Runs in a fresh process: the number of CPU devices is fixed when JAX starts.
     """

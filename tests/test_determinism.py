@@ -112,8 +112,7 @@ def test_one_and_eight_devices_give_the_same_metrics(runs, method):
     order) agrees to 1e-4 relative, and λ over G's smallest eigenvalue is not compared: on this small
     fit that eigenvalue is float32 rounding. For the same reason G is rank-deficient here, and M moves
     by ‖ΔG‖/λ: auto λ chooses among candidates ≥ 0.1 (at 1e-4, the one it picks from the full list,
-    the pixel AUPRO moved by 1.6e-4; at 0.1 by 7.8e-7, measured), and CRD's pixel rates, like PaDiM's
-    AUPRO, are held to 1e-5."""
+    the pixel AUPRO moved by 1.6e-4), and CRD's pixel rates, like PaDiM's AUPRO, are held to 1e-5."""
     one, eight = _metrics(runs["first"], method), _metrics(runs["eight"], method)
     assert one.keys() == eight.keys()
     for key in one.keys() - {"lam_ratio"}:

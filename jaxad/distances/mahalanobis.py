@@ -73,6 +73,12 @@ def gaussians(stats: Stats, reg: float) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(stats.context["shift"], np.float64) + centred, chol
 
 
+def inverse_factor(chol: np.ndarray) -> np.ndarray:
+    """L⁻¹ of lower Cholesky factors [..., d, d] by a triangular solve: computed once at fit time,
+    it makes every score a contraction (no solve, so no LAPACK call, at predict time)."""
+    return scipy.linalg.solve_triangular(chol, np.broadcast_to(np.eye(chol.shape[-1]), chol.shape), lower=True)
+
+
 def finalize(stats: Stats, config: ml_collections.ConfigDict, budget_bytes: int | None = None) -> dict:
     """Mean and whitening matrix Wᵀ = (L⁻¹)ᵀ per group, so a score is one contraction.
 
@@ -89,8 +95,7 @@ def finalize(stats: Stats, config: ml_collections.ConfigDict, budget_bytes: int 
         part = slice(lo, lo + step)
         chunk = Stats({"shift": stats.context["shift"][part]}, {k: v[part] for k, v in stats.sums.items()})
         m, chol = gaussians(chunk, config.reg)
-        whiten = scipy.linalg.solve_triangular(chol, np.broadcast_to(np.eye(d), chol.shape), lower=True)
-        mean[part], whiten_t[part] = m, np.swapaxes(whiten, 1, 2)
+        mean[part], whiten_t[part] = m, np.swapaxes(inverse_factor(chol), 1, 2)
     return {"group": stats.context["group"], "mean": jnp.asarray(mean), "whiten_t": jnp.asarray(whiten_t)}
 
 

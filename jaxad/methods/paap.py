@@ -237,8 +237,7 @@ def group_gaussians(feats: np.ndarray, members: np.ndarray, mode: str, ridge: fl
             capacitance = np.einsum("nld,mld->lnm", scaled, scaled) + b[:, None, None] * np.eye(len(idx))
             rows[loc, idx] = scaled.transpose(1, 0, 2)
             mean[loc, g], iso[loc, g] = mu, b
-            chol = np.linalg.cholesky(capacitance)
-            whiten[loc, g, : len(idx), : len(idx)] = np.linalg.solve(chol, np.broadcast_to(np.eye(len(idx)), chol.shape))
+            whiten[loc, g, : len(idx), : len(idx)] = gaussian.inverse_factor(np.linalg.cholesky(capacitance))
     return {"rows": rows, "mean": mean, "whiten": whiten, "iso": iso}
 
 
