@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -24,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
 
 
-def _state(value: float) -> dict:
-    return {"bank": np.full((64, 32), value, np.float32), "stats": {"mean": np.full(8, value, np.float32)}}
+def _state(value: float) -> dict:  # the bank is large enough to be memory-mapped when loaded
+    return {"bank": np.full((512, 512), value, np.float32), "stats": {"mean": np.full(8, value, np.float32)}}
 
 
 def _saved(tmp_path: Path, value: float = 1.0) -> Path:
@@ -39,6 +41,32 @@ def test_a_complete_save_loads(tmp_path):
     assert config.value == 2.0 and np.all(state["bank"] == 2.0)
     assert json.loads((tmp_path / "w" / checkpoint.COMPLETE).read_text()) == {"format_version": checkpoint.FORMAT_VERSION}
     assert not list((tmp_path / "w").glob("*.tmp*")) and not (tmp_path / "w" / "state.partial").exists()
+
+
+def test_arrays_come_back_as_saved_the_large_ones_mapped_read_only(tmp_path):
+    tree = {"big": np.arange(1 << 19, dtype=np.float32).reshape(512, 1024), "grid": [np.float32(2.5), None, (np.int32(3),)],
+            "half": jnp.linspace(0, 1, 6, dtype=jnp.bfloat16).reshape(2, 3), "mask": np.array([True, False])}
+    checkpoint.save_arrays(tmp_path / "a", tree)
+    back = checkpoint.load_arrays(tmp_path / "a")
+    assert jax.tree.structure(back) == jax.tree.structure({**tree, "grid": [tree["grid"][0], None, [tree["grid"][2][0]]]})
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+        assert got.dtype == np.asarray(want).dtype and np.array_equal(got, np.asarray(want))
+    assert not back["big"].flags.writeable and back["mask"].flags.writeable  # mapped / read into memory
+
+
+def test_a_pickled_array_file_is_refused_and_nothing_in_it_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    workdir = _saved(tmp_path)
+    target = max((workdir / "state").glob("*.npy"), key=lambda p: p.stat().st_size)
+    np.save(target, np.array([Payload()], dtype=object), allow_pickle=True)
+    with pytest.raises(ConfigError, match="corrupt or truncated.*fit again"):
+        checkpoint.load(workdir)
+    assert not marker.exists()
 
 
 def test_a_workdir_without_its_completion_mark_is_refused(tmp_path):

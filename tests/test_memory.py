@@ -88,9 +88,12 @@ def test_a_fit_too_large_for_the_limit_is_refused_before_reading_an_image(gear, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["patchcore", "padim"])
-def test_a_fit_within_the_limit_completes(gear, tmp_path, method):
-    done = _limited_fit(gear, tmp_path / "w", method, "--config.image_size=64")
+@pytest.mark.parametrize("method, overrides", [
+    ("patchcore", []), ("padim", []),
+    ("cpr_faster", ["--config.train_steps=4", "--config.validate_every=2", "--config.use_feb=false"]),
+])
+def test_a_fit_within_the_limit_completes(gear, tmp_path, method, overrides):
+    done = _limited_fit(gear, tmp_path / "w", method, "--config.image_size=64", *overrides)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "w" / "complete.json").read_text())["format_version"] >= 2
 

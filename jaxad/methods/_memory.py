@@ -34,8 +34,9 @@ def channels(backbone: Backbone, taps: tuple[str, ...]) -> int:
     return sum(backbone.taps[t].channels for t in taps)
 
 
-def forward_bytes(config: ml_collections.ConfigDict, backbone: Backbone, taps: tuple[str, ...]) -> int:
-    """Host memory of one ``batch_size`` batch through the backbone on a CPU: XLA's temporary and
+def forward_bytes(config: ml_collections.ConfigDict, backbone: Backbone, taps: tuple[str, ...],
+                  images: int | None = None) -> int:
+    """Host memory of one batch (``images``, default ``batch_size``) through the backbone on a CPU: XLA's temporary and
     output buffers, which grow with the pixel count. They are measured once per backbone and taps by
     compiling (not running) the forward on one PROBE×PROBE image (EfficientNet-Lite0: about 100
     bytes per pixel at any size); 0 on an accelerator, where they take device memory."""
@@ -49,4 +50,4 @@ def forward_bytes(config: ml_collections.ConfigDict, backbone: Backbone, taps: t
         used = 0 if analysis is None else analysis.temp_size_in_bytes + analysis.output_size_in_bytes
         _per_pixel[key] = used / PROBE**2
     h, w = image_hw(config)
-    return int(_per_pixel[key] * config.batch_size * h * w)
+    return int(_per_pixel[key] * (config.batch_size if images is None else images) * h * w)

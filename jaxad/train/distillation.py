@@ -9,7 +9,7 @@ layer2+layer3 at 512 px). Loss: MSE; optimiser: Adam with coupled L2 weight deca
 augmentation (probability ``grayscale``) is applied to both views alike.
 
 A teacher is saved as a folder: ``teacher.json`` (PDN size, backbone, taps, sizes, steps) and
-``arrays/`` (orbax: PDN params, target mean/std). :func:`load_teacher` reads it back.
+``arrays/`` (one .npy file per array: PDN params, target mean/std). :func:`load_teacher` reads it back.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def check_new_teacher_folder(path: str | Path) -> None:
 
 
 def save_teacher(path: str | Path, settings: Settings, teacher: dict) -> Path:
-    """Write a teacher folder (``teacher.json`` + orbax ``arrays/``); returns its path."""
+    """Write a teacher folder (``teacher.json`` + ``arrays/``, :func:`jaxad.checkpoint.save_arrays`); returns its path."""
     path = Path(path).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     checkpoint.save_arrays(path / "arrays", teacher)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,9 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxad import checkpoint
+from jaxad.data import Batch
 from jaxad.errors import DataError, NumericsError
-from jaxad.runtime import parallel
+from jaxad.runtime import parallel, shared_arrays
 
 Step = Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
 
@@ -39,21 +40,32 @@ def run_identity(config: Mapping[str, Any], length_keys: tuple[str, ...] = ("tra
     return {k: v for k, v in config.items() if k not in dropped}
 
 
-def collect_images(batches, progress: Callable[[int], None] | None = None) -> np.ndarray:
+def collect_images(batches: Iterable[Batch], progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Every valid training image of a batch stream in host memory, [N, H, W, 3] float32.
 
     Trained methods pass over their (small, one-category) training set many times; holding it
-    once in memory is cheaper than decoding files again every epoch.
+    once in memory is cheaper than decoding files again every epoch. A stream that knows its
+    length (:class:`jaxad.data.loader.Stream`) is copied into one array allocated at the first
+    batch, aligned so that a CPU device shares it (``jax.device_put(..., may_alias=True)``):
+    the images are held once, never as a list of batches plus their concatenation.
     """
-    images = []
+    total = len(batches) if isinstance(batches, Sized) else None
+    images, parts, count = None, [], 0
     for batch in batches:
         valid = np.asarray(batch.valid)
-        images.append(np.asarray(batch.images, np.float32)[valid])
+        chunk = np.asarray(batch.images, np.float32)[valid]
+        if total is None:
+            parts.append(chunk)
+        else:
+            if images is None:
+                images = shared_arrays.empty((total * len(valid), *chunk.shape[1:]), np.float32)
+            images[count:count + len(chunk)] = chunk
+        count += len(chunk)
         if progress is not None:
-            progress(int(valid.sum()))
-    if not images or sum(len(x) for x in images) == 0:
+            progress(len(chunk))
+    if count == 0:
         raise DataError("the training set is empty: a trained method needs at least one image")
-    return np.concatenate(images)
+    return images[:count] if total is not None else np.concatenate(parts)
 
 
 def hold_out(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

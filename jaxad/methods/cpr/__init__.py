@@ -161,18 +161,32 @@ def _bank(config: ml_collections.ConfigDict, raw: list[np.ndarray], params: dict
 
 
 def memory_need(config: ml_collections.ConfigDict, backbone: Backbone, n_images: int) -> tuple[int, str, str]:
-    """(bytes, what, keys that lower it): the training images (twice while they are joined, once more
-    on the device to train the local branch), every tap's maps and the reference bank of every scale
-    (both filled in place, held once)."""
+    """(bytes, what, keys that lower it) of what a fit holds at once: the training images (collected
+    in place; a CPU device shares them), every tap's maps and the reference bank of every scale (both
+    filled in place, held once) and a batch's backbone pass; training the local branch adds the
+    foreground maps at image size, the validation split's synthetic queries with their references'
+    maps, and one training step (the backbone pass of its pairs and the branches' forward and
+    backward). Measured peaks stay below it (README, Guarantees)."""
     h, w = _memory.image_hw(config)
-    images = n_images * h * w * 3 * _memory.FLOAT32
-    maps = sum(n_images * _memory.cells(config, backbone, t) * backbone.taps[t].channels for t in config.taps)
-    bank = sum(n_images * _memory.cells(config, backbone, t) * (config.lrb_width if config.use_lrb else backbone.taps[t].channels)
-               for t in _scales(config))
-    need = (3 if config.use_lrb else 2) * images + (maps + bank) * _memory.FLOAT32
-    need += _memory.forward_bytes(config, backbone, tuple(config.taps))
-    return (need, f"CPR's training images, maps and reference bank ({n_images} images) and a batch's backbone pass",
-            "--config.image_size, --config.train_images, --config.lrb_width or --config.batch_size")
+    scales = _scales(config)
+    cells = {t: _memory.cells(config, backbone, t) for t in config.taps}
+    floats = n_images * h * w * 3
+    floats += sum(n_images * cells[t] * backbone.taps[t].channels for t in config.taps)
+    floats += sum(n_images * cells[t] * (config.lrb_width if config.use_lrb else backbone.taps[t].channels)
+                  for t in scales)
+    need = _memory.forward_bytes(config, backbone, tuple(config.taps))
+    if config.use_lrb:
+        n_val = len(loop.hold_out(n_images, config.val_fraction, config.seed)[1])
+        floats += n_images * h * w + n_val * h * w * 4
+        floats += sum(n_val * (1 + config.val_refs) * cells[t] * backbone.taps[t].channels for t in scales)
+        pairs = 2 * config.train_batch_size
+        need += _memory.forward_bytes(config, backbone, tuple(config.taps), pairs) + pairs * h * w * 3 * 4 * _memory.FLOAT32
+        need += sum(lrb_training.branch_step_bytes(config, backbone.taps[t].channels, cells[t]) for t in scales)
+    need += floats * _memory.FLOAT32
+    what = (f"CPR's training images, maps and reference bank ({n_images} images), its local branch's "
+            "training and a batch's backbone pass")
+    keys = "--config.image_size, --config.train_images, --config.lrb_width, --config.train_batch_size or --config.batch_size"
+    return need, what, keys
 
 
 def fit(
@@ -207,7 +221,7 @@ def fit(
         if not config.use_grb:  # no global ranking: every other training image is a candidate reference
             distances = np.zeros_like(distances)
         neighbours = neighbour_table(distances, train_ids, config.top_k, exclude_self=True)
-        data = {"images": jnp.asarray(images), "neighbours": jnp.asarray(neighbours, jnp.int32),
+        data = {"images": jax.device_put(images, may_alias=True), "neighbours": jnp.asarray(neighbours, jnp.int32),
                 "foreground": postprocess.anomaly_maps(jnp.asarray(fg_maps), images.shape[1:3], 0.0),
                 "backbone": backbone.variables}
         if config.texture_dir:

@@ -51,6 +51,36 @@ def init_branches(config: ml_collections.ConfigDict, channels: list[int], key: j
     return params, stats
 
 
+PROBE_CELLS = 16  # side of the grid a branch's training step is compiled on to measure its memory
+_step_bytes: dict[tuple[int, int, int], float] = {}  # (width, channels, maps) → XLA bytes per grid cell
+
+
+def branch_step_bytes(config: ml_collections.ConfigDict, channels: int, cells: int) -> int:
+    """Host memory of one training step of a scale's branch on a CPU (forward in training mode,
+    BatchNorm statistics and backward over the 2·``train_batch_size`` maps of its pairs, ``cells``
+    grid cells each): XLA's buffers, measured by compiling the step on a PROBE_CELLS² grid and
+    scaled per cell; 0 on an accelerator, where they take device memory."""
+    if jax.default_backend() != "cpu":
+        return 0
+    maps = 2 * config.train_batch_size
+    key = (config.lrb_width, channels, maps)
+    if key not in _step_bytes:
+        net = cpr_local.LocalRetrievalBranch(config.lrb_width)
+        shape = (maps, PROBE_CELLS, PROBE_CELLS, channels)
+        variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros(shape[1:])[None], train=False))
+
+        def loss(params, stats, x):
+            out, _ = net.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(out)
+
+        step = jax.jit(jax.value_and_grad(loss), compiler_options=compilation.cpu_options() or None)
+        analysis = step.lower(variables["params"], variables["batch_stats"],
+                              jax.ShapeDtypeStruct(shape, jnp.float32)).compile().memory_analysis()
+        used = 0 if analysis is None else analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+        _step_bytes[key] = used / PROBE_CELLS**2
+    return int(_step_bytes[key] * cells)
+
+
 def describe(config: ml_collections.ConfigDict, params: dict, batch_stats: dict, maps: list[jax.Array]) -> list[jax.Array]:
     """Unit-length LRB descriptors [B, h, w, D] of each scale's backbone map (BatchNorm in eval mode)."""
     net = cpr_local.LocalRetrievalBranch(config.lrb_width)
@@ -229,13 +259,15 @@ def training_loss(config, backbone: Backbone, params: dict, batch_stats: dict, d
 def validation_set(config: ml_collections.ConfigDict, backbone: Backbone, data: dict, val_ids: np.ndarray,
                    val_neighbours: np.ndarray) -> dict:
     """Fixed synthetic anomalies on held-out training images (every one anomalous), with the frozen
-    backbone maps of the queries and of their nearest training references, computed once."""
+    backbone maps of the queries and of their nearest training references, computed once,
+    ``batch_size`` images at a time."""
     ids = jnp.asarray(val_ids)
     synth = jax.vmap(lambda k, im, fg: anomalies.synthesize(k, im, fg > 0.5, data["textures"], 1.0,
                                                            1.0 if config.texture else config.p_texture))
     keys = jax.random.split(jax.random.key(config.seed + 7), len(val_ids))
     queries, masks = compilation.jit(synth)(keys, data["images"][ids], data["foreground"][ids])
-    extract = compilation.jit(lambda x: backbone_maps(config, backbone, data["backbone"], x))
+    run = compilation.jit(lambda x: backbone_maps(config, backbone, data["backbone"], x))
+    extract = partial(compilation.in_fixed_batches_on_host, run, batch_size=config.batch_size)
     refs = val_neighbours.reshape(-1)
     return {"queries": extract(queries), "refs": extract(data["images"][jnp.asarray(refs)]), "masks": masks,
             "neighbours": jnp.arange(len(refs), dtype=jnp.int32).reshape(val_neighbours.shape)}
@@ -253,10 +285,24 @@ def local_scores(config: ml_collections.ConfigDict, query: list[jax.Array], bank
 
 
 def validation_maps(config: ml_collections.ConfigDict, params: dict, batch_stats: dict, val: dict) -> jax.Array:
-    """Local scores of the validation queries, upsampled to the image: [n_val, S, S]."""
-    q = describe(config, params, batch_stats, val["queries"])
-    r = describe(config, params, batch_stats, val["refs"])
-    return postprocess.anomaly_maps(local_scores(config, q, r, val["neighbours"]), val["masks"].shape[1:3], 0.0)
+    """Local scores of the validation queries, upsampled to the image: [n_val, S, S].
+
+    Each query is described and searched with its own references only, a few queries at a time
+    (one on a CPU), so that the descriptors and window stacks of the whole validation split are
+    never held at once: at width 384 they grew by about 17 MB per validation image."""
+    n_val, n_refs = val["neighbours"].shape
+    size = val["masks"].shape[1:3]
+    refs = [r.reshape(n_val, n_refs, *r.shape[1:]) for r in val["refs"]]  # stored query by query
+
+    def one(item: tuple[list[jax.Array], list[jax.Array]]) -> jax.Array:
+        queries, references = item
+        q = describe(config, params, batch_stats, [x[None] for x in queries])
+        r = describe(config, params, batch_stats, references)
+        scores = local_scores(config, q, r, jnp.arange(n_refs, dtype=jnp.int32)[None])
+        return postprocess.anomaly_maps(scores, size, 0.0)[0]
+
+    group = 1 if jax.default_backend() == "cpu" else config.batch_size
+    return jax.lax.map(one, (val["queries"], refs), batch_size=min(group, n_val))
 
 
 # ---------------------------------------------------------------- the loop
